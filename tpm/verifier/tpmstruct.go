@@ -131,7 +131,7 @@ func publicKey(pub *tpm2.TPMTPublic) (crypto.PublicKey, error) {
 // public area. Restricted keys always carry a concrete scheme.
 func signingScheme(pub *tpm2.TPMTPublic) (tpm2.TPMAlgID, crypto.Hash, error) {
 	var (
-		scheme tpm2.TPMAlgID
+		scheme  tpm2.TPMAlgID
 		hashAlg tpm2.TPMIAlgHash
 	)
 	switch pub.Type {
