@@ -154,7 +154,8 @@ func (s *SQLStore) write(ctx context.Context, fn func(t *tx) error) error {
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
 	}
-	t := &tx{s: s, sqlTx: sqlTx, now: s.now()}
+	// UTC without the monotonic reading, so returned records equal stored ones.
+	t := &tx{s: s, sqlTx: sqlTx, now: s.now().UTC().Round(0)}
 	if err := fn(t); err != nil {
 		_ = sqlTx.Rollback()
 		return err
