@@ -2,8 +2,8 @@ package workloadapi_test
 
 import (
 	"context"
-	"crypto/x509"
 	"crypto/ecdsa"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
