@@ -261,3 +261,19 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 	ea, ok := a.(equaler)
 	return ok && ea.Equal(b)
 }
+
+// verifySignature checks a signature over a SHA-256 digest, as made by a
+// crypto.Signer (ECDSA ASN.1, or RSA PKCS#1 v1.5).
+func verifySignature(pub crypto.PublicKey, digest, sig []byte) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if !ecdsa.VerifyASN1(k, digest, sig) {
+			return errors.New("ECDSA signature does not verify")
+		}
+		return nil
+	case *rsa.PublicKey:
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
+	default:
+		return fmt.Errorf("unsupported key type %T", pub)
+	}
+}
