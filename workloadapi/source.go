@@ -29,8 +29,8 @@ type Source interface {
 	// and follows it. The subscription's Updates channel must deliver the
 	// current state at once (without waiting for a change) and then a new
 	// Snapshot after every change; a slow reader may miss intermediate
-	// snapshots as long as it gets the latest. The server calls Close when
-	// the stream ends; ctx is the stream's context.
+	// snapshots as long as it gets the latest (Feed does all this). The
+	// server calls Close when the stream ends; ctx is the stream's context.
 	Subscribe(ctx context.Context, selectors []Selector) (Subscription, error)
 
 	// FetchJWTSVIDs returns a JWT-SVID for audience for every identity the

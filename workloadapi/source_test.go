@@ -122,18 +122,12 @@ type testSource struct {
 
 	mu         sync.Mutex
 	snap       *workloadapi.Snapshot
-	subs       map[*testSub]bool
+	subs       map[*workloadapi.Feed]bool // value: subscriber is entitled
 	subscribes atomic.Int32
 }
 
-type testSub struct {
-	src      *testSource
-	entitled bool
-	ch       chan *workloadapi.Snapshot
-}
-
 func newTestSource(pki *testPKI, snap *workloadapi.Snapshot, entitled ...string) *testSource {
-	s := &testSource{pki: pki, entitled: make(map[string]bool), snap: snap, subs: make(map[*testSub]bool)}
+	s := &testSource{pki: pki, entitled: make(map[string]bool), snap: snap, subs: make(map[*workloadapi.Feed]bool)}
 	for _, e := range entitled {
 		s.entitled[e] = true
 	}
@@ -156,31 +150,19 @@ func (s *testSource) view(entitled bool) *workloadapi.Snapshot {
 	return &workloadapi.Snapshot{Bundle: s.snap.Bundle, FederatedBundles: s.snap.FederatedBundles}
 }
 
-// push replaces what sub has not read yet with v: latest wins.
-func (sub *testSub) push(v *workloadapi.Snapshot) {
-	select {
-	case <-sub.ch:
-	default:
-	}
-	sub.ch <- v
-}
-
 func (s *testSource) Subscribe(_ context.Context, sels []workloadapi.Selector) (workloadapi.Subscription, error) {
 	s.subscribes.Add(1)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	sub := &testSub{src: s, entitled: s.isEntitled(sels), ch: make(chan *workloadapi.Snapshot, 1)}
-	sub.push(s.view(sub.entitled))
-	s.subs[sub] = true
-	return sub, nil
-}
-
-func (sub *testSub) Updates() <-chan *workloadapi.Snapshot { return sub.ch }
-
-func (sub *testSub) Close() {
-	sub.src.mu.Lock()
-	defer sub.src.mu.Unlock()
-	delete(sub.src.subs, sub)
+	entitled := s.isEntitled(sels)
+	var feed *workloadapi.Feed
+	feed = workloadapi.NewFeed(s.view(entitled), func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		delete(s.subs, feed)
+	})
+	s.subs[feed] = entitled
+	return feed, nil
 }
 
 // set publishes a new state to every subscriber.
@@ -188,8 +170,8 @@ func (s *testSource) set(snap *workloadapi.Snapshot) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.snap = snap
-	for sub := range s.subs {
-		sub.push(s.view(sub.entitled))
+	for feed, entitled := range s.subs {
+		feed.Push(s.view(entitled))
 	}
 }
 
