@@ -267,7 +267,10 @@ func (c *Cache) Authorized(agentID spiffeid.ID, nodeSelectors []store.Selector) 
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 
-	result := map[string]*store.Entry{}
+	// Every entry has exactly one parent and each parent is expanded once,
+	// so no entry can be appended twice: no result set is needed. Aliases
+	// are children of the server ID, which is never expanded.
+	var out []*store.Entry
 	queue := []string{agent}
 
 	// Node aliases whose selectors are a subset of the node's: count, per
@@ -283,7 +286,7 @@ func (c *Cache) Authorized(agentID spiffeid.ID, nodeSelectors []store.Selector) 
 			for id, alias := range c.aliasBySel[s] {
 				hits[id]++
 				if hits[id] == len(alias.Selectors) {
-					result[id] = alias
+					out = append(out, alias)
 					queue = append(queue, alias.SPIFFEID)
 				}
 			}
@@ -292,29 +295,22 @@ func (c *Cache) Authorized(agentID spiffeid.ID, nodeSelectors []store.Selector) 
 
 	// Breadth-first over "parented to an authorized SPIFFE ID"; visited
 	// guards against cycles (A parents B parents A).
-	visited := map[string]bool{c.serverID: true}
+	visited := map[string]struct{}{c.serverID: {}}
 	for len(queue) > 0 {
 		id := queue[0]
 		queue = queue[1:]
-		if visited[id] {
+		if _, ok := visited[id]; ok {
 			continue
 		}
-		visited[id] = true
-		for eid, e := range c.byParent[id] {
-			if _, ok := result[eid]; ok {
-				continue
-			}
-			result[eid] = e
-			if !visited[e.SPIFFEID] {
+		visited[id] = struct{}{}
+		for _, e := range c.byParent[id] {
+			out = append(out, e)
+			if _, ok := visited[e.SPIFFEID]; !ok {
 				queue = append(queue, e.SPIFFEID)
 			}
 		}
 	}
 
-	out := make([]*store.Entry, 0, len(result))
-	for _, e := range result {
-		out = append(out, e)
-	}
 	slices.SortFunc(out, func(a, b *store.Entry) int { return cmp.Compare(a.ID, b.ID) })
 	return out
 }
