@@ -17,6 +17,10 @@ import (
 	_ "modernc.org/sqlite"
 )
 
+// DefaultSQLiteFile is the store's file name inside the server's data
+// directory; SPIRE's name, so operators recognise it.
+const DefaultSQLiteFile = "datastore.sqlite3"
+
 //go:embed migrations
 var migrationFS embed.FS
 
