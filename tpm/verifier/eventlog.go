@@ -102,8 +102,9 @@ func (v *Verifier) checkEventLog(raw []byte, pcrs map[int][]byte) (*bool, error)
 	if err != nil {
 		return nil, fmt.Errorf("%w: replay against the quoted PCRs: %v", ErrEventLog, err)
 	}
-	sawSecureBootVar := false
+	sawSecureBootVar, sawPCR7 := false, false
 	for _, e := range events {
+		sawPCR7 = sawPCR7 || e.Index == secureBootPCR
 		switch uint32(e.Type) {
 		case evSeparator:
 			if len(e.Data) != 4 || !digestOf(e) {
@@ -118,12 +119,17 @@ func (v *Verifier) checkEventLog(raw []byte, pcrs map[int][]byte) (*bool, error)
 			}
 		}
 	}
-	if _, quoted := pcrs[secureBootPCR]; !quoted || !sawSecureBootVar {
+	if !sawPCR7 {
 		return nil, nil
 	}
+	// PCR 7's events are checked whenever they were replayed, so that a
+	// re-typed variable cannot hide the Secure Boot state.
 	sb, err := parseSecurebootState(events)
 	if err != nil {
 		return nil, fmt.Errorf("%w: Secure Boot state: %v", ErrEventLog, err)
+	}
+	if !sawSecureBootVar {
+		return nil, nil
 	}
 	enabled := sb.Enabled
 	return &enabled, nil

@@ -17,6 +17,8 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"math/big"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -46,6 +48,23 @@ type forge struct {
 
 var forgeEpoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// RSA-2048 generation dominates the tests' run time; forges take turns on a
+// few keys instead, so consecutive forges (a test and its "other") differ.
+var (
+	ekKeyPool = sync.OnceValue(func() []*rsa.PrivateKey {
+		keys := make([]*rsa.PrivateKey, 3)
+		for i := range keys {
+			k, err := rsa.GenerateKey(rand.Reader, 2048)
+			if err != nil {
+				panic(err)
+			}
+			keys[i] = k
+		}
+		return keys
+	})
+	ekKeyNext atomic.Uint32
+)
+
 func newForge(t testing.TB) *forge {
 	t.Helper()
 	f := &forge{t: t, vendor: "id:49424D00"}
@@ -69,9 +88,7 @@ func newForge(t testing.TB) *forge {
 	if f.ca, err = x509.ParseCertificate(der); err != nil {
 		t.Fatal(err)
 	}
-	if f.ekKey, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
-		t.Fatal(err)
-	}
+	f.ekKey = ekKeyPool()[ekKeyNext.Add(1)%uint32(len(ekKeyPool()))]
 	ek := tpm2.RSAEKTemplate
 	ek.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: f.ekKey.N.Bytes()})
 	f.ekPub = tpm2.Marshal(ek)

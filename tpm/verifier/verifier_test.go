@@ -122,7 +122,11 @@ func TestForgedBeginRefusals(t *testing.T) {
 			c.AllowList, _ = StaticAllowList(strings.Repeat("ab", 32))
 		}, nil, ErrEKNotAllowed},
 		{"certificate of another EK", nil, func(t *testing.T, f *forge, id *tpm.Identity) {
-			id.EKCertificate = other.ekCert
+			for _, k := range ekKeyPool() {
+				if !k.PublicKey.Equal(&f.ekKey.PublicKey) {
+					id.EKCertificate = f.issueEKCert(f.caKey, f.ca, &k.PublicKey)
+				}
+			}
 		}, ErrEKMismatch},
 		{"EK is a signing key", nil, func(t *testing.T, f *forge, id *tpm.Identity) {
 			id.EKPublic = f.akPub
