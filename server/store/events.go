@@ -14,13 +14,6 @@ func (s *SQLStore) Events(ctx context.Context, afterID int64, limit int) ([]Even
 	case limit > maxEventsLimit:
 		limit = maxEventsLimit
 	}
-	var pruned int64
-	if err := s.queryRow(ctx, `SELECT value FROM counters WHERE name = ?`, counterPrunedThrough).Scan(&pruned); err != nil {
-		return nil, fmt.Errorf("listing events: reading prune mark: %w", err)
-	}
-	if afterID < pruned {
-		return nil, fmt.Errorf("listing events after %d: %w through %d", afterID, ErrEventsPruned, pruned)
-	}
 	rows, err := s.query(ctx, `SELECT id, kind, object_id, op, created_at FROM events WHERE id > ? ORDER BY id LIMIT ?`, afterID, limit)
 	if err != nil {
 		return nil, fmt.Errorf("listing events: %w", err)
@@ -41,6 +34,16 @@ func (s *SQLStore) Events(ctx context.Context, afterID int64, limit int) ([]Even
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("listing events: %w", err)
+	}
+	// The prune mark is read after the events: a prune that committed in
+	// between is then always noticed (at worst we ask for a needless reload),
+	// never missed.
+	var pruned int64
+	if err := s.queryRow(ctx, `SELECT value FROM counters WHERE name = ?`, counterPrunedThrough).Scan(&pruned); err != nil {
+		return nil, fmt.Errorf("listing events: reading prune mark: %w", err)
+	}
+	if afterID < pruned {
+		return nil, fmt.Errorf("listing events after %d: %w through %d", afterID, ErrEventsPruned, pruned)
 	}
 	return out, nil
 }
