@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // SoftHSMConfEnv is the environment variable SoftHSM2 reads its configuration
@@ -59,12 +60,21 @@ func softhsmUtil() (string, error) {
 // SoftHSM is a private SoftHSM2 installation: a softhsm2.conf and a token
 // directory under one directory, independent of /etc/softhsm and
 // /var/lib/softhsm. Any number of tokens, distinguished by label, live in it.
+//
+// SoftHSM builds its slot list at C_Initialize: a process that has already
+// initialised the module does not see tokens created later by softhsm2-util.
+// Such a process (a test binary) prepares its tokens first with
+// PrepareTokens and hands them out with TakeToken.
 type SoftHSM struct {
 	dir        string
 	confPath   string
 	tokenDir   string
 	modulePath string
 	util       string
+
+	mu    sync.Mutex
+	spare []*SoftHSMToken
+	next  int
 }
 
 // NewSoftHSM writes a private SoftHSM2 configuration into dir (created if
@@ -189,6 +199,37 @@ func (s *SoftHSM) InitToken(ctx context.Context, label, pin string) (*SoftHSMTok
 		ModulePath: s.modulePath,
 		ConfPath:   s.confPath,
 	}, nil
+}
+
+// PrepareTokens initialises n tokens with random PINs and labels
+// "prepared-NNN" for TakeToken. Call it before the PKCS#11 module is
+// initialised in this process.
+func (s *SoftHSM) PrepareTokens(ctx context.Context, n int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for range n {
+		label := fmt.Sprintf("prepared-%03d", s.next)
+		tok, err := s.InitToken(ctx, label, "")
+		if err != nil {
+			return fmt.Errorf("preparing SoftHSM tokens: %w", err)
+		}
+		s.next++
+		s.spare = append(s.spare, tok)
+	}
+	return nil
+}
+
+// TakeToken hands out a token made by PrepareTokens that was not handed out
+// before. It returns an error when none is left.
+func (s *SoftHSM) TakeToken() (*SoftHSMToken, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.spare) == 0 {
+		return nil, fmt.Errorf("no prepared SoftHSM token left (%d were prepared): prepare more", s.next)
+	}
+	tok := s.spare[0]
+	s.spare = s.spare[1:]
+	return tok, nil
 }
 
 // DeleteToken deletes the token labelled label and its PIN file. Close every

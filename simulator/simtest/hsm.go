@@ -18,14 +18,16 @@ import (
 const hsmTimeout = 30 * time.Second
 
 // RunWithSoftHSM is for TestMain. SoftHSM reads SOFTHSM2_CONF once per
-// process, so a test binary shares one private SoftHSM: RunWithSoftHSM
-// creates it in a temporary directory, sets SOFTHSM2_CONF for the process,
-// stores it in *h, runs the tests and removes the directory. It fails loudly
-// (exit status 1) when SoftHSM2 is not installed.
+// process and builds its slot list at C_Initialize, so a test binary shares
+// one private SoftHSM whose tokens exist before the module is loaded:
+// RunWithSoftHSM creates it in a temporary directory, sets SOFTHSM2_CONF for
+// the process, prepares `tokens` tokens for SoftHSMToken, stores it in *h,
+// runs the tests and removes the directory. It fails loudly (exit status 1)
+// when SoftHSM2 is not installed.
 //
 //	var softHSM *simulator.SoftHSM
-//	func TestMain(m *testing.M) { os.Exit(simtest.RunWithSoftHSM(m, &softHSM)) }
-func RunWithSoftHSM(m *testing.M, h **simulator.SoftHSM) int {
+//	func TestMain(m *testing.M) { os.Exit(simtest.RunWithSoftHSM(m, &softHSM, 20)) }
+func RunWithSoftHSM(m *testing.M, h **simulator.SoftHSM, tokens int) int {
 	dir, err := os.MkdirTemp("", "ironroot-softhsm-")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "simtest: creating SoftHSM directory: %v\n", err)
@@ -41,17 +43,28 @@ func RunWithSoftHSM(m *testing.M, h **simulator.SoftHSM) int {
 		fmt.Fprintf(os.Stderr, "simtest: setting %s: %v\n", simulator.SoftHSMConfEnv, err)
 		return 1
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), hsmTimeout+time.Duration(tokens)*time.Second)
+	defer cancel()
+	if err := s.PrepareTokens(ctx, tokens); err != nil {
+		fmt.Fprintf(os.Stderr, "simtest: %v\n", err)
+		return 1
+	}
 	*h = s
 	return m.Run()
 }
 
-// SoftHSMToken initialises a token with a fresh label derived from the test
-// name in s and deletes it when the test ends (register the cleanup of
-// anything holding sessions on the token after this call, so it runs first).
+// SoftHSMToken returns a token of s for this test alone: a prepared one
+// (see RunWithSoftHSM) while any is left, which the module of this process
+// can see; else a new token with a label derived from the test name, deleted
+// when the test ends, which only processes that initialise the module later
+// (commands the test runs) can see.
 func SoftHSMToken(t testing.TB, s *simulator.SoftHSM) *simulator.SoftHSMToken {
 	t.Helper()
 	if s == nil {
 		t.Fatal("simtest: SoftHSMToken needs the SoftHSM of RunWithSoftHSM (TestMain)")
+	}
+	if tok, err := s.TakeToken(); err == nil {
+		return tok
 	}
 	label := tokenLabel(t)
 	ctx, cancel := context.WithTimeout(context.Background(), hsmTimeout)
