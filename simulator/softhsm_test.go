@@ -139,3 +139,36 @@ func showSlots(t *testing.T, s *SoftHSM) string {
 	}
 	return string(out)
 }
+
+func TestSoftHSMPreparedTokens(t *testing.T) {
+	s, err := NewSoftHSM(t.TempDir())
+	if err != nil {
+		t.Fatalf("NewSoftHSM: %v", err)
+	}
+	if _, err := s.TakeToken(); err == nil {
+		t.Fatal("TakeToken with nothing prepared succeeded")
+	}
+	if err := s.PrepareTokens(context.Background(), 3); err != nil {
+		t.Fatalf("PrepareTokens: %v", err)
+	}
+	if err := s.PrepareTokens(context.Background(), 1); err != nil {
+		t.Fatalf("PrepareTokens again: %v", err)
+	}
+	seen := map[string]bool{}
+	for i := range 4 {
+		tok, err := s.TakeToken()
+		if err != nil {
+			t.Fatalf("TakeToken %d: %v", i, err)
+		}
+		if seen[tok.Label] {
+			t.Errorf("token %q handed out twice", tok.Label)
+		}
+		seen[tok.Label] = true
+		if !strings.Contains(showSlots(t, s), "Label:            "+tok.Label) {
+			t.Errorf("prepared token %q not initialised", tok.Label)
+		}
+	}
+	if _, err := s.TakeToken(); err == nil || !strings.Contains(err.Error(), "4 were prepared") {
+		t.Errorf("TakeToken after all were taken: %v", err)
+	}
+}
