@@ -98,6 +98,10 @@ func TestAuthorized(t *testing.T) {
 	create(t, s, "/loop1", b, "k:l1")
 	create(t, s, "/loop2", td+"/loop1", "k:l2")
 	create(t, s, "/loop1", td+"/loop2", "k:l3")
+	// One SPIFFE ID under two parents, only one of them authorized for B.
+	create(t, s, "/shared", td+"/nobody", "k:s1")
+	create(t, s, "/shared", b, "k:s2")
+	create(t, s, "/under-shared", td+"/shared", "k:s3")
 	// Unreachable: parent nobody is authorized for.
 	create(t, s, "/orphan", td+"/nobody", "k:o")
 	// An entry that names the server ID must not open up every alias.
@@ -117,9 +121,9 @@ func TestAuthorized(t *testing.T) {
 		{"both aliases", agentA, []string{"tpm:manufacturer:IBM", "tpm:secure_boot:enabled", "tpm:manufacturer:IBM"},
 			[]string{"/alias/ibm", "/alias/ibm-sb", "/chain1", "/chain2", "/ibm-workload", "/ironroot/server", "/sb-workload", "/web"}},
 		{"alias not subset", agentB, []string{"tpm:secure_boot:enabled"},
-			[]string{"/db", "/loop1", "/loop1", "/loop2"}},
+			[]string{"/db", "/loop1", "/loop1", "/loop2", "/shared", "/under-shared"}},
 		{"cycle terminates", agentB, []string{"tpm:manufacturer:NTC"},
-			[]string{"/alias/nuvoton", "/db", "/loop1", "/loop1", "/loop2", "/ntc-workload"}},
+			[]string{"/alias/nuvoton", "/db", "/loop1", "/loop1", "/loop2", "/ntc-workload", "/shared", "/under-shared"}},
 		{"unknown agent", spiffeid.RequireFromString(td + "/ironroot/agent/tpm/cccc"), nil, []string{}},
 		{"unknown agent via alias only", spiffeid.RequireFromString(td + "/ironroot/agent/tpm/cccc"), []string{"tpm:manufacturer:NTC"},
 			[]string{"/alias/nuvoton", "/ntc-workload"}},
@@ -143,13 +147,26 @@ func TestAuthorized(t *testing.T) {
 		})
 	}
 
-	// AuthorizedEntry agrees with Authorized.
-	web, _, _ := s.ListEntries(context.Background(), store.ListEntriesRequest{SPIFFEID: td + "/web"})
-	if _, ok := c.AuthorizedEntry(agentA, nil, web[0].ID); !ok {
-		t.Fatal("agent A not authorized for its own entry")
+	// AuthorizedEntry agrees with Authorized for every entry and every case.
+	all, _, err := s.ListEntries(context.Background(), store.ListEntriesRequest{})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, ok := c.AuthorizedEntry(agentB, nil, web[0].ID); ok {
-		t.Fatal("agent B authorized for agent A's entry")
+	for _, tt := range tests {
+		node := sels(t, tt.node...)
+		want := map[string]bool{}
+		for _, e := range c.Authorized(tt.agent, node) {
+			want[e.ID] = true
+		}
+		for _, e := range all {
+			got, ok := c.AuthorizedEntry(tt.agent, node, e.ID)
+			if ok != want[e.ID] || (ok && got.ID != e.ID) {
+				t.Errorf("%s: AuthorizedEntry(%s) = %v, Authorized says %v", tt.name, e.SPIFFEID, ok, want[e.ID])
+			}
+		}
+		if _, ok := c.AuthorizedEntry(tt.agent, node, "no-such-entry"); ok {
+			t.Errorf("%s: missing entry authorized", tt.name)
+		}
 	}
 }
 
