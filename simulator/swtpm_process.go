@@ -310,9 +310,24 @@ func (s *SWTPM) initAndStartup(ctx context.Context) error {
 
 func (s *SWTPM) dial(ctx context.Context, addr string) (net.Conn, error) {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, s.network, addr)
-	if err != nil {
-		return nil, err
+	var c net.Conn
+	// swtpm serves one data connection at a time; a unix connect fails
+	// with EAGAIN while its short backlog is full, so wait for the other
+	// client's turn to end.
+	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
+		var err error
+		c, err = d.DialContext(ctx, s.network, addr)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EAGAIN) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(delay):
+		}
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
