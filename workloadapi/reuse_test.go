@@ -87,7 +87,8 @@ func TestPIDReuseGuardThroughServer(t *testing.T) {
 		opts:     []workloadapi.Option{workloadapi.WithLogger(slog.New(recordHandler{ch: logs}))},
 	})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "IRONROOT_WORKLOADAPI_TEST_FETCH="+f.addr)
+	// GORACE: a race-built helper otherwise sleeps 1 s at exit.
+	cmd.Env = append(os.Environ(), "IRONROOT_WORKLOADAPI_TEST_FETCH="+f.addr, "GORACE=atexit_sleep_ms=0")
 	// Start under the lock: Attest reads cmd.Process.
 	att.mu.Lock()
 	att.victim = cmd
