@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -626,4 +627,18 @@ func TestStopEndsStreams(t *testing.T) {
 	if _, err := os.Stat(f.sock); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("socket still there after stop: %v", err)
 	}
+}
+
+func TestMessageSizeLimits(t *testing.T) {
+	t.Run("request too large", func(t *testing.T) {
+		f := newFixture(t, fixtureOpts{opts: []workloadapi.Option{workloadapi.WithMaxMessageSize(512, 0)}})
+		cl, _ := f.raw(t)
+		_, err := cl.ValidateJWTSVID(withHeader(testCtx(t)), &workload.ValidateJWTSVIDRequest{Audience: "a", Svid: strings.Repeat("x", 1024)})
+		wantCode(t, err, codes.ResourceExhausted, "")
+	})
+	t.Run("response too large", func(t *testing.T) {
+		f := newFixture(t, fixtureOpts{opts: []workloadapi.Option{workloadapi.WithMaxMessageSize(0, 1024)}})
+		_, err := f.client(t).FetchX509SVID(testCtx(t))
+		wantCode(t, err, codes.ResourceExhausted, "")
+	})
 }
