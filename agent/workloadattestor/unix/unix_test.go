@@ -342,3 +342,56 @@ func TestNamesFromFakeProc(t *testing.T) {
 		})
 	}
 }
+
+// TestHashesRunningBinaryAfterReplacement: replacing the executable's path
+// after the process started does not change what is hashed: /proc/<pid>/exe
+// is the inode the process runs.
+func TestHashesRunningBinaryAfterReplacement(t *testing.T) {
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := os.ReadFile(sleep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "workload")
+	if err := os.WriteFile(bin, orig, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting the copied binary: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	origSum := fileSHA256(t, bin)
+
+	// Swap another file in at the same path, as an attacker or an upgrade would.
+	impostor := filepath.Join(dir, "impostor")
+	if err := os.WriteFile(impostor, []byte("#!/bin/sh\necho not the workload\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(impostor, bin); err != nil {
+		t.Fatal(err)
+	}
+
+	a := New(WithPathSelectors(always), WithSHA256Selectors(always))
+	sels, err := a.Attest(context.Background(), int32(cmd.Process.Pid))
+	if err != nil {
+		t.Fatalf("Attest: %v", err)
+	}
+	got := selectorStrings(sels)
+	if !slices.Contains(got, "unix:sha256:"+origSum) {
+		t.Fatalf("selectors %v lack the running binary's hash %s", got, origSum)
+	}
+	if slices.Contains(got, "unix:sha256:"+fileSHA256(t, bin)) {
+		t.Fatalf("selectors %v hash the replacement file", got)
+	}
+	if !slices.Contains(got, "unix:path:"+bin+" (deleted)") {
+		t.Fatalf("selectors %v lack the replaced path marked (deleted)", got)
+	}
+}
