@@ -395,3 +395,34 @@ func TestHashesRunningBinaryAfterReplacement(t *testing.T) {
 		t.Fatalf("selectors %v lack the replaced path marked (deleted)", got)
 	}
 }
+
+func TestNameCacheTTL(t *testing.T) {
+	now := time.Unix(1000, 0)
+	a := New(WithNameCacheTTL(30 * time.Second))
+	a.now = func() time.Time { return now }
+	calls := 0
+	lookup := func(id string) (string, error) {
+		calls++
+		return "name-" + id, nil
+	}
+	steps := []struct {
+		advance   time.Duration
+		id        uint32
+		wantCalls int
+	}{
+		{0, 7, 1},                // miss
+		{10 * time.Second, 7, 1}, // hit within TTL
+		{0, 8, 2},                // other ID: miss
+		{25 * time.Second, 7, 3}, // 35 s after the first lookup: expired
+		{29 * time.Second, 7, 3}, // hit again
+	}
+	for i, s := range steps {
+		now = now.Add(s.advance)
+		if got := a.lookupName(a.users, s.id, lookup); got != "name-"+strconv.Itoa(int(s.id)) {
+			t.Fatalf("step %d: name %q", i, got)
+		}
+		if calls != s.wantCalls {
+			t.Fatalf("step %d: %d lookups, want %d", i, calls, s.wantCalls)
+		}
+	}
+}
