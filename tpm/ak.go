@@ -244,8 +244,19 @@ func DefaultPCRSelection() PCRSelection {
 	return PCRSelection{Alg: "sha256", PCRs: []int{0, 1, 2, 3, 4, 5, 6, 7}}
 }
 
-var pcrAlgs = map[string]tpm2.TPMIAlgHash{
-	"sha1": tpm2.TPMAlgSHA1, "sha256": tpm2.TPMAlgSHA256, "sha384": tpm2.TPMAlgSHA384, "sha512": tpm2.TPMAlgSHA512,
+// pcrBank maps a PCR bank name to its TPM hash algorithm.
+func pcrBank(name string) (tpm2.TPMIAlgHash, bool) {
+	switch name {
+	case "sha1":
+		return tpm2.TPMAlgSHA1, true
+	case "sha256":
+		return tpm2.TPMAlgSHA256, true
+	case "sha384":
+		return tpm2.TPMAlgSHA384, true
+	case "sha512":
+		return tpm2.TPMAlgSHA512, true
+	}
+	return 0, false
 }
 
 // resolve validates the selection, applies defaults and returns the bank
@@ -256,7 +267,7 @@ func (s PCRSelection) resolve() (string, tpm2.TPMIAlgHash, []uint, error) {
 	if name == "" {
 		name = def.Alg
 	}
-	alg, ok := pcrAlgs[name]
+	alg, ok := pcrBank(name)
 	if !ok {
 		return "", 0, nil, fmt.Errorf("unknown PCR bank %q", s.Alg)
 	}

@@ -49,8 +49,6 @@ type EK struct {
 	// Handle is the EK's persistent handle, 0 when the TPM has none and the
 	// EK is re-created from the TCG default template when needed.
 	Handle uint32
-
-	template *tpm2.TPMTPublic
 }
 
 // Hash returns the lowercase hex SHA-256 of the EK public key's PKIX DER,
@@ -65,17 +63,33 @@ func (ek EK) Hash() (string, error) {
 }
 
 type ekSlot struct {
-	alg      string
-	nv       uint32
-	handle   uint32
-	template *tpm2.TPMTPublic
+	alg    string
+	nv     uint32
+	handle uint32
 }
 
-var ekSlots = []ekSlot{
-	{AlgRSA2048, nvEKCertRSA2048, ekHandleRSA2048, &tpm2.RSAEKTemplate},
-	{AlgP256, nvEKCertP256, ekHandleP256, &tpm2.ECCEKTemplate},
-	// No standard template for P-384 in go-tpm: only a persisted EK is used.
-	{AlgP384, nvEKCertP384, ekHandleP384, nil},
+// ekSlots lists the EKs looked for, in the order EndorsementKeys returns them.
+func ekSlots() []ekSlot {
+	return []ekSlot{
+		{AlgRSA2048, nvEKCertRSA2048, ekHandleRSA2048},
+		{AlgP256, nvEKCertP256, ekHandleP256},
+		{AlgP384, nvEKCertP384, ekHandleP384},
+	}
+}
+
+// ekTemplate returns the TCG default (low range) EK template for alg, nil
+// when there is none in go-tpm (P-384: only a persisted EK is used).
+func ekTemplate(alg string) *tpm2.TPMTPublic {
+	var t tpm2.TPMTPublic
+	switch alg {
+	case AlgRSA2048:
+		t = tpm2.RSAEKTemplate
+	case AlgP256:
+		t = tpm2.ECCEKTemplate
+	default:
+		return nil
+	}
+	return &t
 }
 
 // EndorsementKeys returns the TPM's EKs: RSA-2048 (always; created from the
@@ -85,7 +99,7 @@ func (t *TPM) EndorsementKeys(ctx context.Context) ([]EK, error) {
 	var eks []EK
 	err := t.do(ctx, func() error {
 		chain := t.readEKChain()
-		for _, slot := range ekSlots {
+		for _, slot := range ekSlots() {
 			cert, err := t.readNVCert(slot.nv)
 			if err != nil {
 				t.log.Warn("reading EK certificate", "nv", fmt.Sprintf("0x%08x", slot.nv), "error", err)
@@ -123,10 +137,11 @@ func (t *TPM) readEK(slot ekSlot, haveCert bool) (EK, bool, error) {
 	if !isHandleMissing(err) {
 		return EK{}, false, fmt.Errorf("reading EK at 0x%08x: %w", slot.handle, err)
 	}
-	if slot.template == nil || (slot.alg != AlgRSA2048 && !haveCert) {
+	tmpl := ekTemplate(slot.alg)
+	if tmpl == nil || (slot.alg != AlgRSA2048 && !haveCert) {
 		return EK{}, false, nil
 	}
-	h, pub, err := t.createEK(slot.template)
+	h, pub, err := t.createEK(tmpl)
 	if err != nil {
 		return EK{}, false, err
 	}
@@ -135,7 +150,6 @@ func (t *TPM) readEK(slot ekSlot, haveCert bool) (EK, bool, error) {
 	if err != nil {
 		return EK{}, false, fmt.Errorf("creating %s EK: %w", slot.alg, err)
 	}
-	ek.template = slot.template
 	return ek, true, nil
 }
 
@@ -164,10 +178,11 @@ func (t *TPM) ekHandle(ek EK) (tpm2.NamedHandle, *tpm2.TPMTPublic, func(), error
 		}
 		return tpm2.NamedHandle{Handle: tpm2.TPMHandle(ek.Handle), Name: rp.Name}, pub, func() {}, nil
 	}
-	if ek.template == nil {
-		return tpm2.NamedHandle{}, nil, nil, errors.New("EK has neither a persistent handle nor a template")
+	tmpl := ekTemplate(ek.Algorithm)
+	if tmpl == nil {
+		return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("%s EK has no persistent handle and no default template", ek.Algorithm)
 	}
-	h, _, err := t.createEK(ek.template)
+	h, _, err := t.createEK(tmpl)
 	if err != nil {
 		return tpm2.NamedHandle{}, nil, nil, err
 	}

@@ -34,11 +34,11 @@ func FuzzCertFromNV(f *testing.F) {
 // is read from disk at start-up): no panic, and whatever it accepts is a
 // P-256 signing key.
 func FuzzParseKeyBlob(f *testing.F) {
-	good := append(append([]byte(nil), keyBlobMagic...), tpm2.Marshal(tpm2.New2B(keyTemplate()))...)
+	good := append([]byte(keyBlobMagic), tpm2.Marshal(tpm2.New2B(keyTemplate()))...)
 	good = append(good, 0, 4, 1, 2, 3, 4)
 	f.Add(good)
-	f.Add(keyBlobMagic)
-	f.Add(append(append([]byte(nil), keyBlobMagic...), 0xff, 0xff))
+	f.Add([]byte(keyBlobMagic))
+	f.Add(append([]byte(keyBlobMagic), 0xff, 0xff))
 	f.Add([]byte("IRK\x01\x00\x02\x00\x23\x00\x00"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		pub, _, err := parseKeyBlob(b)

@@ -208,14 +208,14 @@ func (k *Key) Close() error {
 }
 
 // keyBlobMagic starts a Marshal blob: "IRK" and a format version.
-var keyBlobMagic = []byte{'I', 'R', 'K', 1}
+const keyBlobMagic = "IRK\x01"
 
 // Marshal returns the key as a TPM-wrapped blob: its public area and its
 // private area encrypted by the SRK, which only this TPM can load. It holds
 // no key material in clear and can be stored as a file.
 func (k *Key) Marshal() []byte {
 	var b bytes.Buffer
-	b.Write(keyBlobMagic)
+	b.WriteString(keyBlobMagic)
 	b.Write(tpm2.Marshal(k.obj.public))
 	b.Write(tpm2.Marshal(k.obj.private))
 	return b.Bytes()
@@ -254,7 +254,7 @@ func parseKeyBlob(blob []byte) (tpm2.TPM2BPublic, tpm2.TPM2BPrivate, error) {
 		pub  tpm2.TPM2BPublic
 		priv tpm2.TPM2BPrivate
 	)
-	if !bytes.HasPrefix(blob, keyBlobMagic) {
+	if !bytes.HasPrefix(blob, []byte(keyBlobMagic)) {
 		return pub, priv, errors.New("not an Ironroot TPM key blob")
 	}
 	rest := blob[len(keyBlobMagic):]

@@ -207,7 +207,11 @@ func (t *TPM) load(o *object) (tpm2.NamedHandle, error) {
 		return tpm2.NamedHandle{}, fmt.Errorf("loading key under the SRK: %w", err)
 	}
 	h := tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}
-	o.name = rsp.Name
+	if len(o.name.Buffer) == 0 {
+		// First load of a key read from a blob; the name never changes
+		// after, so readers of o.name need no lock.
+		o.name = rsp.Name
+	}
 	if saved, err := (tpm2.ContextSave{SaveHandle: rsp.ObjectHandle}).Execute(t.conn); err == nil {
 		o.saved = &saved.Context
 	} else {

@@ -572,7 +572,7 @@ func TestKeySurvivesRestartAndReboot(t *testing.T) {
 		t.Fatal(err)
 	}
 	blob := key.Marshal()
-	if !bytes.HasPrefix(blob, keyBlobMagic) {
+	if !bytes.HasPrefix(blob, []byte(keyBlobMagic)) {
 		t.Fatal("blob lacks its format header")
 	}
 
@@ -809,6 +809,44 @@ func TestCanceledContext(t *testing.T) {
 	cancel()
 	if _, err := tp.NewAK(ctx); !errors.Is(err, context.Canceled) {
 		t.Errorf("NewAK with canceled context: %v", err)
+	}
+	assertNoTransients(t, tp)
+}
+
+// TestTemplateEK removes the persisted RSA EK, as on TPMs whose firmware
+// does not persist one: the EK is re-created from the TCG template, matches
+// its certificate, and activates credentials.
+func TestTemplateEK(t *testing.T) {
+	ctx := context.Background()
+	_, tp := startAndOpen(t)
+	persisted := eksByAlg(t, tp)[AlgRSA2048]
+	err := tp.do(ctx, func() error {
+		rp, err := tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(ekHandleRSA2048)}.Execute(tp.conn)
+		if err != nil {
+			return err
+		}
+		_, err = tpm2.EvictControl{
+			Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			ObjectHandle:     tpm2.NamedHandle{Handle: tpm2.TPMHandle(ekHandleRSA2048), Name: rp.Name},
+			PersistentHandle: tpm2.TPMHandle(ekHandleRSA2048),
+		}.Execute(tp.conn)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("evicting the RSA EK: %v", err)
+	}
+	ek := eksByAlg(t, tp)[AlgRSA2048]
+	if ek.Handle != 0 {
+		t.Fatalf("EK handle 0x%x after eviction, want 0 (template)", ek.Handle)
+	}
+	if !bytes.Equal(ek.PublicArea, persisted.PublicArea) || !bytes.Equal(ek.Certificate, persisted.Certificate) {
+		t.Error("template EK differs from the persisted one")
+	}
+	ak := newAK(t, tp)
+	secret := nonce(t)
+	proof, err := ak.ActivateCredential(ctx, ek, challenge(t, ek, ak.AttestationParameters().Public, secret))
+	if err != nil || !bytes.Equal(proof.Secret, secret) {
+		t.Fatalf("ActivateCredential with a template EK: %v", err)
 	}
 	assertNoTransients(t, tp)
 }

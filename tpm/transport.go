@@ -147,12 +147,17 @@ func (s *socketConn) connect() error {
 	}
 }
 
-// retryCodes are the warnings with which a TPM declines to start a command
-// that will succeed if simply sent again (TPM 2.0 Part 2, 6.6.3).
-var retryCodes = map[uint32]bool{
-	0x908: true, // TPM_RC_YIELDED
-	0x90a: true, // TPM_RC_TESTING
-	0x922: true, // TPM_RC_RETRY
+// isRetryCode reports the warnings with which a TPM declines to start a
+// command that will succeed if simply sent again (TPM 2.0 Part 2, 6.6.3).
+// libtpms answers TPM_RC_RETRY now and then to ECC operations.
+func isRetryCode(rc uint32) bool {
+	switch rc {
+	case 0x908, // TPM_RC_YIELDED
+		0x90a, // TPM_RC_TESTING
+		0x922: // TPM_RC_RETRY
+		return true
+	}
+	return false
 }
 
 const retryAttempts = 8
@@ -164,7 +169,7 @@ func sendRetrying(ctx context.Context, send func([]byte) ([]byte, error), cmd []
 	for attempt := 1; ; attempt++ {
 		rsp, err := send(cmd)
 		if err != nil || len(rsp) < responseHeaderSize || attempt == retryAttempts ||
-			!retryCodes[binary.BigEndian.Uint32(rsp[6:10])] {
+			!isRetryCode(binary.BigEndian.Uint32(rsp[6:10])) {
 			return rsp, err
 		}
 		wait := time.NewTimer(delay)
