@@ -1,8 +1,11 @@
 package verifier
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm/tpm2"
@@ -14,6 +17,10 @@ import (
 type akInfo struct {
 	name   []byte
 	signer signer
+	// obfuscated: the AK is not known to live in the endorsement or
+	// platform hierarchy, so the TPM obfuscates resetCount and
+	// restartCount in what it signs (TPM 2.0 Part 1, "Obfuscation").
+	obfuscated bool
 }
 
 // checkAK verifies the AK creation evidence: go-attestation's
@@ -58,7 +65,44 @@ func checkAK(ak tpm.AttestationKey) (*akInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: AK name: %v", ErrAKInvalid, err)
 	}
-	return &akInfo{name: name, signer: signer{key: key, scheme: scheme, hash: hash}}, nil
+	h, known := akHierarchy(ak.CreateData)
+	obfuscated := !known || (h != tpm2.TPMRHEndorsement && h != tpm2.TPMRHPlatform)
+	return &akInfo{name: name, signer: signer{key: key, scheme: scheme, hash: hash}, obfuscated: obfuscated}, nil
+}
+
+// hierarchies whose handle can be the root of a key's qualified name.
+var hierarchies = []tpm2.TPMHandle{tpm2.TPMRHOwner, tpm2.TPMRHEndorsement, tpm2.TPMRHPlatform, tpm2.TPMRHNull}
+
+// akHierarchy finds the hierarchy of the AK from its creation data, when
+// the AK is a primary key or the child of one: the parent's qualified name
+// is then nameAlg || H(hierarchy handle || parent name).
+func akHierarchy(createData []byte) (tpm2.TPMHandle, bool) {
+	cd, err := unmarshal[tpm2.TPMSCreationData](createData)
+	if err != nil {
+		return 0, false
+	}
+	pn, pqn := cd.ParentName.Buffer, cd.ParentQualifiedName.Buffer
+	if len(pn) == 4 {
+		h := tpm2.TPMHandle(binary.BigEndian.Uint32(pn))
+		return h, slices.Contains(hierarchies, h)
+	}
+	if len(pn) < 2 || len(pqn) != len(pn) {
+		return 0, false
+	}
+	alg := tpm2.TPMIAlgHash(binary.BigEndian.Uint16(pn))
+	hash, err := alg.Hash()
+	if err != nil {
+		return 0, false
+	}
+	for _, h := range hierarchies {
+		d := hash.New()
+		d.Write(binary.BigEndian.AppendUint32(nil, uint32(h)))
+		d.Write(pn)
+		if bytes.Equal(pqn, d.Sum(binary.BigEndian.AppendUint16(nil, uint16(alg)))) {
+			return h, true
+		}
+	}
+	return 0, false
 }
 
 func checkAKParameters(ak tpm.AttestationKey) (err error) {

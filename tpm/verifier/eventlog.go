@@ -56,6 +56,8 @@ var knownEventTypes = map[uint32]bool{
 }
 
 const (
+	evNoAction                 = 0x00000003
+	lastFirmwarePCR            = 9 // PCRs 0–9: firmware, Secure Boot, boot loader (TCG PC Client)
 	evSeparator                = 0x00000004
 	evEFIVariableDriverConfig  = 0x80000001
 	evEFIAction                = 0x80000007
@@ -86,12 +88,29 @@ func (v *Verifier) checkEventLog(raw []byte, pcrs map[int][]byte) (*bool, error)
 	if len(all) > maxEventsForStrictChecking {
 		return nil, fmt.Errorf("%w: %d events", ErrEventLog, len(all))
 	}
+	measured := make(map[int]bool)
 	for i, e := range all {
 		if !knownEventTypes[uint32(e.Type)] {
 			return nil, fmt.Errorf("%w: event %d has unknown type 0x%08x", ErrEventLog, i, uint32(e.Type))
 		}
 		if e.Index < 0 || e.Index > 23 {
 			return nil, fmt.Errorf("%w: event %d targets PCR %d", ErrEventLog, i, e.Index)
+		}
+		if uint32(e.Type) == evNoAction {
+			// EV_NO_ACTION is skipped by replay, so a measured event
+			// re-typed to it would vanish; real ones carry zero digests.
+			if !bytes.Equal(e.Digest, make([]byte, len(e.Digest))) {
+				return nil, fmt.Errorf("%w: EV_NO_ACTION event %d in PCR %d has a non-zero digest", ErrEventLog, i, e.Index)
+			}
+			continue
+		}
+		measured[e.Index] = true
+	}
+	// Replay only checks PCRs that have events: a firmware or boot loader
+	// PCR whose value moved must be explained by the log.
+	for i, d := range pcrs {
+		if i <= lastFirmwarePCR && !measured[i] && !bytes.Equal(d, make([]byte, len(d))) {
+			return nil, fmt.Errorf("%w: PCR %d was extended but the log has no event for it", ErrEventLog, i)
 		}
 	}
 	list := make([]attest.PCR, 0, len(pcrs))

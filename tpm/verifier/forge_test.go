@@ -7,6 +7,7 @@ package verifier
 // TPM paths.
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -16,6 +17,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"encoding/binary"
 	"math/big"
 	"sync"
 	"sync/atomic"
@@ -234,31 +236,40 @@ func (f *forge) attest(typ tpm2.TPMST, extra []byte, body tpm2.TPMUAttest) []byt
 	})
 }
 
-// identity returns the Identity the agent would send.
+// identity returns the Identity the agent would send, with the AK a primary
+// of the endorsement hierarchy.
 func (f *forge) identity() tpm.Identity {
+	return tpm.Identity{
+		EKPublic:      f.ekPub,
+		EKCertificate: f.ekCert,
+		AK:            forgeAKUnder(f.t, f, tpm2.TPMRHEndorsement),
+	}
+}
+
+// forgeAKUnder makes the AK's creation evidence for a parent that is a
+// primary key of hierarchy h.
+func forgeAKUnder(t testing.TB, f *forge, h tpm2.TPMHandle) tpm.AttestationKey {
+	parent := append([]byte{0, 0x0b}, bytes.Repeat([]byte{0x5a}, 32)...)
+	qn := sha256.New()
+	qn.Write(binary.BigEndian.AppendUint32(nil, uint32(h)))
+	qn.Write(parent)
 	createData := tpm2.Marshal(tpm2.TPMSCreationData{
-		PCRSelect:     tpm2.TPMLPCRSelection{},
-		Locality:      tpm2.TPMALocality{TPMLocZero: true},
-		ParentNameAlg: tpm2.TPMAlgSHA256,
-		ParentName:    tpm2.TPM2BName{Buffer: []byte{0x40, 0, 0, 0x0b}},
-		ParentQualifiedName: tpm2.TPM2BName{
-			Buffer: []byte{0x40, 0, 0, 0x0b},
-		},
+		PCRSelect:           tpm2.TPMLPCRSelection{},
+		Locality:            tpm2.TPMALocality{TPMLocZero: true},
+		ParentNameAlg:       tpm2.TPMAlgSHA256,
+		ParentName:          tpm2.TPM2BName{Buffer: parent},
+		ParentQualifiedName: tpm2.TPM2BName{Buffer: qn.Sum([]byte{0, 0x0b})},
 	})
 	ch := sha256.Sum256(createData)
 	att := f.attest(tpm2.TPMSTAttestCreation, nil, tpm2.NewTPMUAttest(tpm2.TPMSTAttestCreation, &tpm2.TPMSCreationInfo{
 		ObjectName:   tpm2.TPM2BName{Buffer: nameOf(f.t, f.akPub)},
 		CreationHash: tpm2.TPM2BDigest{Buffer: ch[:]},
 	}))
-	return tpm.Identity{
-		EKPublic:      f.ekPub,
-		EKCertificate: f.ekCert,
-		AK: tpm.AttestationKey{
-			Public:            f.akPub,
-			CreateData:        createData,
-			CreateAttestation: att,
-			CreateSignature:   sign(f.t, f.akKey, att),
-		},
+	return tpm.AttestationKey{
+		Public:            f.akPub,
+		CreateData:        createData,
+		CreateAttestation: att,
+		CreateSignature:   sign(t, f.akKey, att),
 	}
 }
 

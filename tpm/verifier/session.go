@@ -84,6 +84,12 @@ type ClockInfo struct {
 	RestartCount uint32 `json:"restart_count"`
 	// Safe reports that no larger Clock value was ever reported before.
 	Safe bool `json:"safe"`
+	// Obfuscated reports that ResetCount and RestartCount are obfuscated:
+	// the TPM does so for quotes by keys outside the endorsement and
+	// platform hierarchies (an AK under an owner-hierarchy SRK), with a
+	// per-key offset, so they cannot be compared across AKs and only Clock
+	// is checked against the previous attestation.
+	Obfuscated bool `json:"obfuscated,omitempty"`
 }
 
 // Result is the verified evidence summary of a node.
@@ -153,6 +159,7 @@ func (s *Session) finish(ctx context.Context, ev tpm.PlatformEvidence, nonce []b
 		ResetCount:   q.clock.ResetCount,
 		RestartCount: q.clock.RestartCount,
 		Safe:         bool(q.clock.Safe),
+		Obfuscated:   s.ak.obfuscated,
 	}
 	if err := checkClock(clock, previous); err != nil {
 		return nil, err
@@ -197,6 +204,13 @@ func checkClock(cur ClockInfo, prev *ClockInfo) error {
 		return fmt.Errorf("%w: clock not safe (the TPM lost power without an orderly shutdown, or its clock went backwards)", ErrClock)
 	}
 	if prev == nil {
+		return nil
+	}
+	if cur.Obfuscated || prev.Obfuscated {
+		// Clock is never obfuscated and never goes back while Safe.
+		if cur.Clock <= prev.Clock {
+			return fmt.Errorf("%w: clock went back or stood still (%d after %d)", ErrClock, cur.Clock, prev.Clock)
+		}
 		return nil
 	}
 	switch {

@@ -362,6 +362,40 @@ func TestForgedFinishRefusals(t *testing.T) {
 	}
 }
 
+// An AK outside the endorsement hierarchy gets obfuscated counters, so only
+// Clock can be compared with the previous attestation.
+func TestForgedObfuscatedCounters(t *testing.T) {
+	tests := []struct {
+		name string
+		prev ClockInfo
+		want error
+	}{
+		{"counters differ, clock advanced", ClockInfo{Clock: 999, ResetCount: 9, RestartCount: 9, Safe: true}, nil},
+		{"clock went back", ClockInfo{Clock: 1001, ResetCount: 1, Safe: true}, ErrClock},
+		{"clock stood still", ClockInfo{Clock: 1000, ResetCount: 3, Safe: true}, ErrClock},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newForge(t)
+			v := forgeVerifier(t, f, nil)
+			id := f.identity()
+			// Re-create the AK evidence with an owner-hierarchy parent.
+			id.AK = forgeAKUnder(t, f, tpm2.TPMRHOwner)
+			s, _, err := v.Begin(t.Context(), id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := s.Finish(t.Context(), f.evidence(activate(t, s)), &tt.prev)
+			if !errors.Is(err, tt.want) && !(tt.want == nil && err == nil) {
+				t.Fatalf("Finish: %v, want %v", err, tt.want)
+			}
+			if err == nil && !res.Clock.Obfuscated {
+				t.Fatal("owner-hierarchy AK not reported as obfuscated")
+			}
+		})
+	}
+}
+
 func TestForgedClockProgress(t *testing.T) {
 	tests := []struct {
 		name string
