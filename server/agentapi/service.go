@@ -174,8 +174,8 @@ func isAgentPath(p string) bool {
 	return true
 }
 
-// toProtoEntry converts a store entry for the wire.
-func toProtoEntry(e *store.Entry) *agentv1.Entry {
+// ToProtoEntry converts a store entry for the wire.
+func ToProtoEntry(e *store.Entry) *agentv1.Entry {
 	out := &agentv1.Entry{
 		Id:             e.ID,
 		SpiffeId:       e.SPIFFEID,
