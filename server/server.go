@@ -48,12 +48,14 @@ type Server struct {
 	log      *slog.Logger
 	serverID spiffeid.ID
 
-	store    store.Store
-	hsm      *hsm.HSM
-	ca       *ca.Manager
-	entries  *entrycache.Cache
-	verifier *verifier.Verifier
-	agentAPI *agentapi.Service
+	store store.Store
+	hsm   *hsm.HSM
+	// upstreamHSM holds the upstream CA key, when configured.
+	upstreamHSM *hsm.HSM
+	ca          *ca.Manager
+	entries     *entrycache.Cache
+	verifier    *verifier.Verifier
+	agentAPI    *agentapi.Service
 
 	agentLis  net.Listener
 	adminLis  net.Listener
@@ -108,7 +110,7 @@ func New(ctx context.Context, cfg *config.Config, logger *slog.Logger) (_ *Serve
 
 	var upstream *ca.Upstream
 	if cfg.Upstream != nil {
-		if upstream, err = loadUpstream(ctx, cfg.Upstream, logger); err != nil {
+		if upstream, s.upstreamHSM, err = loadUpstream(ctx, cfg.Upstream, h, logger); err != nil {
 			return nil, err
 		}
 	}
@@ -362,6 +364,9 @@ func (s *Server) Close() {
 		if s.entries != nil {
 			s.entries.Close()
 		}
+		if s.upstreamHSM != nil {
+			s.upstreamHSM.Close()
+		}
 		if s.hsm != nil {
 			s.hsm.Close()
 		}
@@ -522,26 +527,37 @@ func parseCerts(data []byte) ([]*x509.Certificate, error) {
 }
 
 // loadUpstream reads the upstream CA chain and finds its key on a token.
-func loadUpstream(ctx context.Context, u *config.Upstream, logger *slog.Logger) (*ca.Upstream, error) {
+// A token of the CA's own PKCS#11 module is opened through that module: a
+// module is initialised once per process.
+func loadUpstream(ctx context.Context, u *config.Upstream, main *hsm.HSM, logger *slog.Logger) (*ca.Upstream, *hsm.HSM, error) {
 	data, err := os.ReadFile(u.CertificatePath)
 	if err != nil {
-		return nil, fmt.Errorf("server.upstream_ca_certificate: %w", err)
+		return nil, nil, fmt.Errorf("server.upstream_ca_certificate: %w", err)
 	}
 	chain, err := parseCerts(data)
 	if err != nil {
-		return nil, fmt.Errorf("server.upstream_ca_certificate: %w", err)
-	}
-	h, err := hsm.Open(ctx, u.KeyURI, hsm.WithLogger(logger))
-	if err != nil {
-		return nil, fmt.Errorf("server.upstream_ca_key: %w", err)
+		return nil, nil, fmt.Errorf("server.upstream_ca_certificate: %w", err)
 	}
 	uri, err := hsm.ParseURI(u.KeyURI)
 	if err != nil {
-		return nil, fmt.Errorf("server.upstream_ca_key: %w", err)
+		return nil, nil, fmt.Errorf("server.upstream_ca_key: %w", err)
+	}
+	if uri.ID == nil && uri.Object == "" {
+		return nil, nil, errors.New("server.upstream_ca_key: the URI must name the key (id= or object=)")
+	}
+	var h *hsm.HSM
+	if uri.ModulePath == "" || uri.ModulePath == main.Module().Path() {
+		h, err = main.Module().Open(ctx, u.KeyURI, hsm.WithLogger(logger))
+	} else {
+		h, err = hsm.Open(ctx, u.KeyURI, hsm.WithLogger(logger))
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("server.upstream_ca_key: %w", err)
 	}
 	key, err := h.FindKey(ctx, hsm.KeyRef{ID: uri.ID, Label: uri.Object})
 	if err != nil {
-		return nil, fmt.Errorf("server.upstream_ca_key: %w", err)
+		h.Close()
+		return nil, nil, fmt.Errorf("server.upstream_ca_key: %w", err)
 	}
-	return &ca.Upstream{Chain: chain, Signer: key}, nil
+	return &ca.Upstream{Chain: chain, Signer: key}, h, nil
 }
