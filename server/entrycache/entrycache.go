@@ -268,8 +268,9 @@ func (c *Cache) remove(id string) {
 }
 
 // Authorized returns the entries the agent is authorized for, given the
-// node's selectors, sorted by entry ID. The entries are shared with the
-// cache and must not be modified (Clone them first).
+// node's selectors, in no particular order (sorting would double the cost;
+// Diff does not need it). The entries are shared with the cache and must not
+// be modified (Clone them first).
 func (c *Cache) Authorized(agentID spiffeid.ID, nodeSelectors []store.Selector) []*store.Entry {
 	agent := agentID.String()
 	// The server ID's children are the node aliases themselves; an agent
@@ -300,7 +301,9 @@ func (c *Cache) Authorized(agentID spiffeid.ID, nodeSelectors []store.Selector) 
 				hits[id]++
 				if hits[id] == len(alias.Selectors) {
 					out = append(out, alias)
-					queue = append(queue, alias.SPIFFEID)
+					if len(c.byParent[alias.SPIFFEID]) > 0 {
+						queue = append(queue, alias.SPIFFEID)
+					}
 				}
 			}
 		}
@@ -318,13 +321,14 @@ func (c *Cache) Authorized(agentID spiffeid.ID, nodeSelectors []store.Selector) 
 		visited[id] = struct{}{}
 		for _, e := range c.byParent[id] {
 			out = append(out, e)
-			if _, ok := visited[e.SPIFFEID]; !ok {
+			// Only IDs that parent something are worth queueing; most
+			// workload entries are leaves.
+			if _, ok := visited[e.SPIFFEID]; !ok && len(c.byParent[e.SPIFFEID]) > 0 {
 				queue = append(queue, e.SPIFFEID)
 			}
 		}
 	}
 
-	slices.SortFunc(out, func(a, b *store.Entry) int { return cmp.Compare(a.ID, b.ID) })
 	return out
 }
 

@@ -141,8 +141,12 @@ func TestAuthorized(t *testing.T) {
 					t.Fatal("orphan entry returned")
 				}
 			}
-			if !sort.SliceIsSorted(got, func(i, j int) bool { return got[i].ID < got[j].ID }) {
-				t.Fatal("result not sorted by ID")
+			seen := map[string]bool{}
+			for _, e := range got {
+				if seen[e.ID] {
+					t.Fatalf("entry %s returned twice", e.SPIFFEID)
+				}
+				seen[e.ID] = true
 			}
 		})
 	}
