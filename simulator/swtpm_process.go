@@ -190,24 +190,30 @@ func tcpPorts(addr string) (string, int, int, error) {
 	return "127.0.0.1", ports[0], ports[1], nil
 }
 
+// waitReady waits until swtpm answers a TPM command. A listening socket is
+// not enough: swtpm listens before it locks and loads its state, and exits
+// if that fails (e.g. another swtpm runs on the same state).
 func (s *SWTPM) waitReady(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	var d net.Dialer
 	for {
 		select {
 		case <-s.done:
 			return fmt.Errorf("swtpm exited during start-up: %s", lastLines(s.output.String(), 5))
 		default:
 		}
-		c, err := d.DialContext(ctx, s.network, s.dataAddr)
+		attempt, cancelAttempt := context.WithTimeout(ctx, 2*time.Second)
+		rc, err := s.dataCommand(attempt, cmdReadClock)
+		cancelAttempt()
 		if err == nil {
-			c.Close()
+			if rc != rcSuccess {
+				return fmt.Errorf("swtpm not operational: TPM2_ReadClock returned 0x%x", rc)
+			}
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("waiting for swtpm to listen on %s: %w", s.dataAddr, ctx.Err())
+			return fmt.Errorf("waiting for swtpm to answer on %s: %w", s.dataAddr, ctx.Err())
 		case <-s.done:
 		case <-time.After(10 * time.Millisecond):
 		}
@@ -259,9 +265,10 @@ func (s *SWTPM) cleanupTmp() {
 
 // TPM 2.0 commands the harness sends itself, hand-encoded so the simulator
 // does not depend on the tpm package (whose tests use the simulator).
-var (
-	cmdShutdownClear = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, 0}
-	cmdStartupClear  = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
+const (
+	cmdShutdownClear = "\x80\x01\x00\x00\x00\x0c\x00\x00\x01\x45\x00\x00"
+	cmdStartupClear  = "\x80\x01\x00\x00\x00\x0c\x00\x00\x01\x44\x00\x00"
+	cmdReadClock     = "\x80\x01\x00\x00\x00\x0a\x00\x00\x01\x81"
 )
 
 const (
@@ -339,13 +346,13 @@ func (s *SWTPM) dial(ctx context.Context, addr string) (net.Conn, error) {
 
 // dataCommand sends one TPM command on a fresh data connection and returns
 // the response code.
-func (s *SWTPM) dataCommand(ctx context.Context, cmd []byte) (uint32, error) {
+func (s *SWTPM) dataCommand(ctx context.Context, cmd string) (uint32, error) {
 	c, err := s.dial(ctx, s.dataAddr)
 	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
-	if _, err := c.Write(cmd); err != nil {
+	if _, err := io.WriteString(c, cmd); err != nil {
 		return 0, err
 	}
 	var hdr [10]byte
