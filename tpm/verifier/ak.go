@@ -29,7 +29,10 @@ type akInfo struct {
 // key strength), plus what it leaves out: the sign attribute, no decrypt,
 // and an accepted signing scheme.
 func checkAK(ak tpm.AttestationKey) (*akInfo, error) {
-	pub, err := unmarshal[tpm2.TPMTPublic](ak.Public)
+	// Not re-encoded for strictness: the name the credential is bound to
+	// is computed over these exact bytes, so any encoding other than the
+	// TPM's own makes activation fail.
+	pub, err := decode[tpm2.TPMTPublic](ak.Public)
 	if err != nil {
 		return nil, fmt.Errorf("%w: decoding AK public area: %v", ErrMalformed, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/asn1"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -78,17 +79,23 @@ func (v *Verifier) checkEK(ctx context.Context, id tpm.Identity) (*ekInfo, error
 		if !ok || !certKey.Equal(key) {
 			return nil, fmt.Errorf("%w: certificate key (%T) differs from the EK public area (%s)", ErrEKMismatch, cert.PublicKey, hash)
 		}
-		inter, err := parseIntermediates(id.EKIntermediates)
-		if err != nil {
-			return nil, err
-		}
-		chain, err := v.verifyEKChain(cert, inter)
-		if err == nil {
-			chained = true
-			info.chain = chain
-			info.manufacturer = manufacturer(cert)
+		key := chainKey(id.EKCertificate, id.EKIntermediates)
+		if e, ok := v.cachedChain(key); ok {
+			chained, info.chain, info.manufacturer = true, e.chain, e.manufacturer
 		} else {
-			chainErr = err
+			inter, err := parseIntermediates(id.EKIntermediates)
+			if err != nil {
+				return nil, err
+			}
+			chain, err := v.verifyEKChain(cert, inter)
+			if err == nil {
+				chained = true
+				info.chain = chain
+				info.manufacturer = manufacturer(cert)
+				v.cacheChain(key, chainEntry{chain: chain, manufacturer: info.manufacturer})
+			} else {
+				chainErr = err
+			}
 		}
 	}
 
@@ -291,4 +298,53 @@ func checkEKTemplate(pub *tpm2.TPMTPublic) error {
 		return fmt.Errorf("EK symmetric algorithm 0x%x, want AES", uint16(sym.Algorithm))
 	}
 	return nil
+}
+
+// chainKey identifies an EK certificate with the intermediates offered for
+// it: both determine the path.
+func chainKey(cert []byte, inter [][]byte) [32]byte {
+	h := sha256.New()
+	for _, b := range append([][]byte{cert}, inter...) {
+		h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(b))))
+		h.Write(b)
+	}
+	var k [32]byte
+	h.Sum(k[:0])
+	return k
+}
+
+func (v *Verifier) cachedChain(key [32]byte) (chainEntry, bool) {
+	if v.chainCacheSize == 0 {
+		return chainEntry{}, false
+	}
+	now := v.now()
+	v.chainMu.Lock()
+	defer v.chainMu.Unlock()
+	e, ok := v.chains[key]
+	if !ok || !now.Before(e.until) {
+		delete(v.chains, key)
+		return chainEntry{}, false
+	}
+	return e, true
+}
+
+func (v *Verifier) cacheChain(key [32]byte, e chainEntry) {
+	if v.chainCacheSize == 0 {
+		return
+	}
+	e.until = v.now().Add(chainCacheTTL)
+	for _, c := range e.chain {
+		if c.NotAfter.Before(e.until) {
+			e.until = c.NotAfter
+		}
+	}
+	v.chainMu.Lock()
+	defer v.chainMu.Unlock()
+	for k := range v.chains {
+		if len(v.chains) < v.chainCacheSize {
+			break
+		}
+		delete(v.chains, k) // map order: an arbitrary victim
+	}
+	v.chains[key] = e
 }

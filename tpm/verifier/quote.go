@@ -43,7 +43,7 @@ func (v *Verifier) verifyQuote(q tpm.Quote, ak *signer, nonce []byte) (*quoteInf
 	if err := attestHeader(q.Attest, tpm2.TPMSTAttestQuote); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrQuote, err)
 	}
-	att, err := unmarshal[tpm2.TPMSAttest](q.Attest)
+	att, err := decode[tpm2.TPMSAttest](q.Attest)
 	if err != nil {
 		return nil, fmt.Errorf("%w: decoding quote: %v", ErrMalformed, err)
 	}
@@ -146,7 +146,9 @@ func checkCertifiedKey(k tpm.CertifiedKey, ak *signer, nonce []byte) (crypto.Pub
 	if len(k.Public) > maxEvidenceBytes || len(k.CertifyInfo) > maxEvidenceBytes || len(k.Signature) > maxEvidenceBytes {
 		return nil, fmt.Errorf("%w: certified key too large", ErrMalformed)
 	}
-	pub, err := unmarshal[tpm2.TPMTPublic](k.Public)
+	// The certified name is computed over these exact bytes, so an
+	// encoding other than the TPM's fails the name check below.
+	pub, err := decode[tpm2.TPMTPublic](k.Public)
 	if err != nil {
 		return nil, fmt.Errorf("%w: decoding certified key public area: %v", ErrMalformed, err)
 	}
@@ -159,7 +161,7 @@ func checkCertifiedKey(k tpm.CertifiedKey, ak *signer, nonce []byte) (crypto.Pub
 	if err := attestHeader(k.CertifyInfo, tpm2.TPMSTAttestCertify); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrKeyCertification, err)
 	}
-	att, err := unmarshal[tpm2.TPMSAttest](k.CertifyInfo)
+	att, err := decode[tpm2.TPMSAttest](k.CertifyInfo)
 	if err != nil {
 		return nil, fmt.Errorf("%w: decoding key certification: %v", ErrMalformed, err)
 	}

@@ -14,11 +14,29 @@ import (
 	"github.com/google/go-tpm/tpm2"
 )
 
-// unmarshal decodes a TPM structure from untrusted bytes. go-tpm's reflection
-// decoder is not guaranteed panic-free on hostile input, so a panic becomes an
-// ordinary error here; trailing bytes are refused so that the bytes a
-// signature or name covers are exactly the bytes interpreted.
+// unmarshal decodes a TPM structure from untrusted bytes and refuses
+// trailing or non-canonical bytes (by re-encoding), so that the bytes a name
+// is computed over are exactly the bytes interpreted. Signed structures use
+// decode instead: their signature already covers the raw bytes, and the
+// re-encoding (reflection) is a fifth of the verifier's CPU time.
 func unmarshal[T tpm2.Marshallable, P interface {
+	*T
+	tpm2.Unmarshallable
+}](data []byte) (out *T, err error) {
+	out, err = decode[T, P](data)
+	if err != nil {
+		return nil, err
+	}
+	if re, err := marshal(*out); err != nil || !bytes.Equal(re, data) {
+		return nil, errors.New("structure has trailing or non-canonical bytes")
+	}
+	return out, nil
+}
+
+// decode decodes a TPM structure from untrusted bytes. go-tpm's reflection
+// decoder is not guaranteed panic-free on hostile input, so a panic becomes an
+// ordinary error here.
+func decode[T tpm2.Marshallable, P interface {
 	*T
 	tpm2.Unmarshallable
 }](data []byte) (out *T, err error) {
@@ -30,14 +48,7 @@ func unmarshal[T tpm2.Marshallable, P interface {
 	if len(data) == 0 {
 		return nil, errors.New("empty structure")
 	}
-	out, err = tpm2.Unmarshal[T, P](data)
-	if err != nil {
-		return nil, err
-	}
-	if re, err := marshal(*out); err != nil || !bytes.Equal(re, data) {
-		return nil, errors.New("structure has trailing or non-canonical bytes")
-	}
-	return out, nil
+	return tpm2.Unmarshal[T, P](data)
 }
 
 // marshal is tpm2.Marshal without its panic.
@@ -209,7 +220,7 @@ var errBadSignature = errors.New("signature does not verify")
 // returns an error wrapping ErrMalformed; one that decodes but does not verify,
 // or uses another scheme than the key's, returns errBadSignature.
 func (s *signer) verify(msg, rawSig []byte) error {
-	sig, err := unmarshal[tpm2.TPMTSignature](rawSig)
+	sig, err := decode[tpm2.TPMTSignature](rawSig)
 	if err != nil {
 		return fmt.Errorf("%w: decoding signature: %v", ErrMalformed, err)
 	}

@@ -67,6 +67,19 @@ func WithClock(now func() time.Time) Option {
 	}
 }
 
+// WithEKChainCache sets how many verified EK certificate chains are kept
+// (default 4096; 0 disables the cache). A node re-attests with the same EK
+// certificate, and path building with RSA signature checks is the largest
+// single cost of an attestation. Entries are re-verified after 10 minutes
+// and never outlive a certificate's NotAfter.
+func WithEKChainCache(entries int) Option {
+	return func(v *Verifier) {
+		if entries >= 0 {
+			v.chainCacheSize = entries
+		}
+	}
+}
+
 // WithLogger sets the logger for refusals and successes (never secrets).
 func WithLogger(l *slog.Logger) Option {
 	return func(v *Verifier) {
@@ -88,11 +101,27 @@ type Verifier struct {
 
 	mu     sync.Mutex
 	nonces map[string]time.Time // outstanding quote nonces → expiry
+
+	chainCacheSize int
+	chainMu        sync.Mutex
+	chains         map[[32]byte]chainEntry
+}
+
+// chainEntry is a verified EK chain and when it must be verified again.
+type chainEntry struct {
+	chain        []*x509.Certificate
+	manufacturer string
+	until        time.Time
 }
 
 // DefaultPCRs is the PCR selection used when Config.PCRs is empty: the
 // firmware and boot loader PCRs of the TCG PC Client profile.
 var defaultPCRs = []int{0, 1, 2, 3, 4, 5, 6, 7}
+
+const (
+	defaultChainCacheSize = 4096
+	chainCacheTTL         = 10 * time.Minute
+)
 
 // DefaultNonceTTL is the nonce lifetime used when Config.NonceTTL is zero.
 const DefaultNonceTTL = 60 * time.Second
@@ -103,6 +132,9 @@ func New(cfg Config, opts ...Option) (*Verifier, error) {
 		now:    time.Now,
 		log:    slog.New(slog.DiscardHandler),
 		nonces: make(map[string]time.Time),
+		chains: make(map[[32]byte]chainEntry),
+
+		chainCacheSize: defaultChainCacheSize,
 	}
 	for _, o := range opts {
 		o(v)

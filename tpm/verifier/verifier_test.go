@@ -562,3 +562,20 @@ func TestNewConfig(t *testing.T) {
 		})
 	}
 }
+
+func TestEKChainCacheHonoursValidity(t *testing.T) {
+	f := newForge(t)
+	for _, size := range []int{0, 4096} {
+		clock := &fakeClock{now: forgeEpoch.AddDate(1, 0, 0)}
+		v := forgeVerifier(t, f, nil, WithClock(clock.Now), WithEKChainCache(size))
+		for i := 0; i < 2; i++ { // the second Begin is a cache hit
+			if _, _, err := v.Begin(t.Context(), f.identity()); err != nil {
+				t.Fatalf("cache %d, Begin %d: %v", size, i, err)
+			}
+		}
+		clock.Advance(51 * 365 * 24 * time.Hour) // past the certificates' NotAfter
+		if _, _, err := v.Begin(t.Context(), f.identity()); !errors.Is(err, ErrEKUntrusted) {
+			t.Fatalf("cache %d: expired EK certificate: %v, want ErrEKUntrusted", size, err)
+		}
+	}
+}
