@@ -850,3 +850,45 @@ func TestTemplateEK(t *testing.T) {
 	}
 	assertNoTransients(t, tp)
 }
+
+// TestP256EK persists a TCG-template ECC P-256 EK at 0x81010002, as
+// platforms with ECC EKs do (swtpm 0.7 makes RSA and P-384 only): it is
+// listed without a certificate and activates credentials through the
+// PolicySecret path in SHA-256.
+func TestP256EK(t *testing.T) {
+	ctx := context.Background()
+	_, tp := startAndOpen(t)
+	err := tp.do(ctx, func() error {
+		h, _, err := tp.createEK(ekTemplate(AlgP256))
+		if err != nil {
+			return err
+		}
+		defer tp.flush(h.Handle)
+		_, err = tpm2.EvictControl{
+			Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+			ObjectHandle:     h,
+			PersistentHandle: tpm2.TPMHandle(ekHandleP256),
+		}.Execute(tp.conn)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("persisting a P-256 EK: %v", err)
+	}
+	ek, ok := eksByAlg(t, tp)[AlgP256]
+	if !ok {
+		t.Fatal("persisted P-256 EK not listed")
+	}
+	if ek.Handle != ekHandleP256 || len(ek.Certificate) != 0 {
+		t.Errorf("P-256 EK handle 0x%x, certificate %d bytes", ek.Handle, len(ek.Certificate))
+	}
+	if _, isECDSA := ek.Public.(*ecdsa.PublicKey); !isECDSA {
+		t.Errorf("P-256 EK public key is %T", ek.Public)
+	}
+	ak := newAK(t, tp)
+	secret := nonce(t)
+	proof, err := ak.ActivateCredential(ctx, ek, challenge(t, ek, ak.AttestationParameters().Public, secret))
+	if err != nil || !bytes.Equal(proof.Secret, secret) {
+		t.Fatalf("ActivateCredential with a P-256 EK: %v", err)
+	}
+	assertNoTransients(t, tp)
+}
