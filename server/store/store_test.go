@@ -1090,3 +1090,40 @@ func TestConcurrentOpen(t *testing.T) {
 		t.Fatalf("schema_version rows = %d, %v; want 1", rows, err)
 	}
 }
+
+func TestRunEventPruner(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := openStore(t, "")
+	for i := range 5 {
+		if _, err := s.CreateEntry(ctx, entry(t, fmt.Sprintf("%s/w%d", td, i), agentA, "unix:uid:1")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- store.RunEventPruner(ctx, s, store.WithPruneInterval(time.Millisecond), store.WithEventRetention(0, 2))
+	}()
+	// Wait until the pruner has run; the deadline only turns a hang into a failure.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := s.Events(ctx, 2, 0); errors.Is(err, store.ErrEventsPruned) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("pruner did not prune")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	evs, err := s.Events(ctx, 3, 0)
+	if err != nil || len(evs) != 2 {
+		t.Fatalf("after pruning: %d events, %v; want the last 2", len(evs), err)
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("RunEventPruner returned %v, want context.Canceled", err)
+	}
+	if err := store.RunEventPruner(context.Background(), nil); !errors.Is(err, store.ErrInvalid) {
+		t.Fatalf("nil store: %v", err)
+	}
+}
