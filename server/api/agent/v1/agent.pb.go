@@ -128,7 +128,7 @@ type AttestResponse struct {
 	// Types that are valid to be assigned to Step:
 	//
 	//	*AttestResponse_Challenge
-	//	*AttestResponse_Nonce
+	//	*AttestResponse_QuoteRequest
 	//	*AttestResponse_Result
 	Step          isAttestResponse_Step `protobuf_oneof:"step"`
 	unknownFields protoimpl.UnknownFields
@@ -181,10 +181,10 @@ func (x *AttestResponse) GetChallenge() *CredentialChallenge {
 	return nil
 }
 
-func (x *AttestResponse) GetNonce() []byte {
+func (x *AttestResponse) GetQuoteRequest() *QuoteRequest {
 	if x != nil {
-		if x, ok := x.Step.(*AttestResponse_Nonce); ok {
-			return x.Nonce
+		if x, ok := x.Step.(*AttestResponse_QuoteRequest); ok {
+			return x.QuoteRequest
 		}
 	}
 	return nil
@@ -207,9 +207,9 @@ type AttestResponse_Challenge struct {
 	Challenge *CredentialChallenge `protobuf:"bytes,1,opt,name=challenge,proto3,oneof"`
 }
 
-type AttestResponse_Nonce struct {
-	// nonce is the fresh quote nonce, sent after a valid activation proof.
-	Nonce []byte `protobuf:"bytes,2,opt,name=nonce,proto3,oneof"`
+type AttestResponse_QuoteRequest struct {
+	// quote_request is sent after a valid activation proof.
+	QuoteRequest *QuoteRequest `protobuf:"bytes,2,opt,name=quote_request,json=quoteRequest,proto3,oneof"`
 }
 
 type AttestResponse_Result struct {
@@ -218,7 +218,7 @@ type AttestResponse_Result struct {
 
 func (*AttestResponse_Challenge) isAttestResponse_Step() {}
 
-func (*AttestResponse_Nonce) isAttestResponse_Step() {}
+func (*AttestResponse_QuoteRequest) isAttestResponse_Step() {}
 
 func (*AttestResponse_Result) isAttestResponse_Step() {}
 
@@ -411,6 +411,69 @@ func (x *CredentialChallenge) GetSecret() []byte {
 	return nil
 }
 
+// QuoteRequest asks for the platform evidence: a quote of exactly these PCRs
+// over the fresh nonce, and a TPM-resident key certified over the same nonce.
+type QuoteRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Nonce []byte                 `protobuf:"bytes,1,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	// pcr_bank is the PCR bank to quote ("sha256").
+	PcrBank       string   `protobuf:"bytes,2,opt,name=pcr_bank,json=pcrBank,proto3" json:"pcr_bank,omitempty"`
+	Pcrs          []uint32 `protobuf:"varint,3,rep,packed,name=pcrs,proto3" json:"pcrs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QuoteRequest) Reset() {
+	*x = QuoteRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QuoteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QuoteRequest) ProtoMessage() {}
+
+func (x *QuoteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QuoteRequest.ProtoReflect.Descriptor instead.
+func (*QuoteRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *QuoteRequest) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+func (x *QuoteRequest) GetPcrBank() string {
+	if x != nil {
+		return x.PcrBank
+	}
+	return ""
+}
+
+func (x *QuoteRequest) GetPcrs() []uint32 {
+	if x != nil {
+		return x.Pcrs
+	}
+	return nil
+}
+
 type ActivationProof struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Secret        []byte                 `protobuf:"bytes,1,opt,name=secret,proto3" json:"secret,omitempty"`
@@ -420,7 +483,7 @@ type ActivationProof struct {
 
 func (x *ActivationProof) Reset() {
 	*x = ActivationProof{}
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -432,7 +495,7 @@ func (x *ActivationProof) String() string {
 func (*ActivationProof) ProtoMessage() {}
 
 func (x *ActivationProof) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -445,7 +508,7 @@ func (x *ActivationProof) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivationProof.ProtoReflect.Descriptor instead.
 func (*ActivationProof) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ActivationProof) GetSecret() []byte {
@@ -469,7 +532,7 @@ type PlatformEvidence struct {
 
 func (x *PlatformEvidence) Reset() {
 	*x = PlatformEvidence{}
-	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -481,7 +544,7 @@ func (x *PlatformEvidence) String() string {
 func (*PlatformEvidence) ProtoMessage() {}
 
 func (x *PlatformEvidence) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -494,7 +557,7 @@ func (x *PlatformEvidence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PlatformEvidence.ProtoReflect.Descriptor instead.
 func (*PlatformEvidence) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PlatformEvidence) GetQuote() *Quote {
@@ -542,7 +605,7 @@ type Quote struct {
 
 func (x *Quote) Reset() {
 	*x = Quote{}
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +617,7 @@ func (x *Quote) String() string {
 func (*Quote) ProtoMessage() {}
 
 func (x *Quote) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +630,7 @@ func (x *Quote) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quote.ProtoReflect.Descriptor instead.
 func (*Quote) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Quote) GetAttest() []byte {
@@ -595,7 +658,7 @@ type PCR struct {
 
 func (x *PCR) Reset() {
 	*x = PCR{}
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +670,7 @@ func (x *PCR) String() string {
 func (*PCR) ProtoMessage() {}
 
 func (x *PCR) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +683,7 @@ func (x *PCR) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCR.ProtoReflect.Descriptor instead.
 func (*PCR) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PCR) GetIndex() uint32 {
@@ -655,7 +718,7 @@ type CertifiedKey struct {
 
 func (x *CertifiedKey) Reset() {
 	*x = CertifiedKey{}
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -667,7 +730,7 @@ func (x *CertifiedKey) String() string {
 func (*CertifiedKey) ProtoMessage() {}
 
 func (x *CertifiedKey) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -680,7 +743,7 @@ func (x *CertifiedKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifiedKey.ProtoReflect.Descriptor instead.
 func (*CertifiedKey) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CertifiedKey) GetPublic() []byte {
@@ -717,7 +780,7 @@ type AttestResult struct {
 
 func (x *AttestResult) Reset() {
 	*x = AttestResult{}
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +792,7 @@ func (x *AttestResult) String() string {
 func (*AttestResult) ProtoMessage() {}
 
 func (x *AttestResult) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +805,7 @@ func (x *AttestResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestResult.ProtoReflect.Descriptor instead.
 func (*AttestResult) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *AttestResult) GetSpiffeId() string {
@@ -781,7 +844,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -793,7 +856,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -806,7 +869,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 type SyncResponse struct {
@@ -823,7 +886,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -835,7 +898,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -848,7 +911,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SyncResponse) GetFull() bool {
@@ -889,7 +952,7 @@ type Selector struct {
 
 func (x *Selector) Reset() {
 	*x = Selector{}
-	mi := &file_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -901,7 +964,7 @@ func (x *Selector) String() string {
 func (*Selector) ProtoMessage() {}
 
 func (x *Selector) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[13]
+	mi := &file_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -914,7 +977,7 @@ func (x *Selector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Selector.ProtoReflect.Descriptor instead.
 func (*Selector) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Selector) GetType() string {
@@ -948,7 +1011,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -960,7 +1023,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[14]
+	mi := &file_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -973,7 +1036,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Entry) GetId() string {
@@ -1053,7 +1116,7 @@ type Bundle struct {
 
 func (x *Bundle) Reset() {
 	*x = Bundle{}
-	mi := &file_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_agent_v1_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1128,7 @@ func (x *Bundle) String() string {
 func (*Bundle) ProtoMessage() {}
 
 func (x *Bundle) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[15]
+	mi := &file_agent_v1_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1141,7 @@ func (x *Bundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bundle.ProtoReflect.Descriptor instead.
 func (*Bundle) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Bundle) GetTrustDomain() string {
@@ -1128,7 +1191,7 @@ type JWTAuthority struct {
 
 func (x *JWTAuthority) Reset() {
 	*x = JWTAuthority{}
-	mi := &file_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_agent_v1_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1203,7 @@ func (x *JWTAuthority) String() string {
 func (*JWTAuthority) ProtoMessage() {}
 
 func (x *JWTAuthority) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_agent_v1_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1216,7 @@ func (x *JWTAuthority) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JWTAuthority.ProtoReflect.Descriptor instead.
 func (*JWTAuthority) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *JWTAuthority) GetKeyId() string {
@@ -1187,7 +1250,7 @@ type X509SVIDParams struct {
 
 func (x *X509SVIDParams) Reset() {
 	*x = X509SVIDParams{}
-	mi := &file_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_agent_v1_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1199,7 +1262,7 @@ func (x *X509SVIDParams) String() string {
 func (*X509SVIDParams) ProtoMessage() {}
 
 func (x *X509SVIDParams) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_agent_v1_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1212,7 +1275,7 @@ func (x *X509SVIDParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use X509SVIDParams.ProtoReflect.Descriptor instead.
 func (*X509SVIDParams) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *X509SVIDParams) GetEntryId() string {
@@ -1238,7 +1301,7 @@ type BatchNewX509SVIDRequest struct {
 
 func (x *BatchNewX509SVIDRequest) Reset() {
 	*x = BatchNewX509SVIDRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_agent_v1_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1313,7 @@ func (x *BatchNewX509SVIDRequest) String() string {
 func (*BatchNewX509SVIDRequest) ProtoMessage() {}
 
 func (x *BatchNewX509SVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_agent_v1_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1326,7 @@ func (x *BatchNewX509SVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchNewX509SVIDRequest.ProtoReflect.Descriptor instead.
 func (*BatchNewX509SVIDRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *BatchNewX509SVIDRequest) GetParams() []*X509SVIDParams {
@@ -1284,7 +1347,7 @@ type Status struct {
 
 func (x *Status) Reset() {
 	*x = Status{}
-	mi := &file_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_agent_v1_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1296,7 +1359,7 @@ func (x *Status) String() string {
 func (*Status) ProtoMessage() {}
 
 func (x *Status) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_agent_v1_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1309,7 +1372,7 @@ func (x *Status) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Status.ProtoReflect.Descriptor instead.
 func (*Status) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Status) GetCode() int32 {
@@ -1337,7 +1400,7 @@ type X509SVID struct {
 
 func (x *X509SVID) Reset() {
 	*x = X509SVID{}
-	mi := &file_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1349,7 +1412,7 @@ func (x *X509SVID) String() string {
 func (*X509SVID) ProtoMessage() {}
 
 func (x *X509SVID) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1362,7 +1425,7 @@ func (x *X509SVID) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use X509SVID.ProtoReflect.Descriptor instead.
 func (*X509SVID) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *X509SVID) GetSpiffeId() string {
@@ -1396,7 +1459,7 @@ type X509SVIDResult struct {
 
 func (x *X509SVIDResult) Reset() {
 	*x = X509SVIDResult{}
-	mi := &file_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1408,7 +1471,7 @@ func (x *X509SVIDResult) String() string {
 func (*X509SVIDResult) ProtoMessage() {}
 
 func (x *X509SVIDResult) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1421,7 +1484,7 @@ func (x *X509SVIDResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use X509SVIDResult.ProtoReflect.Descriptor instead.
 func (*X509SVIDResult) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *X509SVIDResult) GetStatus() *Status {
@@ -1447,7 +1510,7 @@ type BatchNewX509SVIDResponse struct {
 
 func (x *BatchNewX509SVIDResponse) Reset() {
 	*x = BatchNewX509SVIDResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_agent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1459,7 +1522,7 @@ func (x *BatchNewX509SVIDResponse) String() string {
 func (*BatchNewX509SVIDResponse) ProtoMessage() {}
 
 func (x *BatchNewX509SVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_agent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1472,7 +1535,7 @@ func (x *BatchNewX509SVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BatchNewX509SVIDResponse.ProtoReflect.Descriptor instead.
 func (*BatchNewX509SVIDResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BatchNewX509SVIDResponse) GetResults() []*X509SVIDResult {
@@ -1492,7 +1555,7 @@ type NewJWTSVIDRequest struct {
 
 func (x *NewJWTSVIDRequest) Reset() {
 	*x = NewJWTSVIDRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_agent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1567,7 @@ func (x *NewJWTSVIDRequest) String() string {
 func (*NewJWTSVIDRequest) ProtoMessage() {}
 
 func (x *NewJWTSVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_agent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1580,7 @@ func (x *NewJWTSVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NewJWTSVIDRequest.ProtoReflect.Descriptor instead.
 func (*NewJWTSVIDRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *NewJWTSVIDRequest) GetEntryId() string {
@@ -1546,7 +1609,7 @@ type JWTSVID struct {
 
 func (x *JWTSVID) Reset() {
 	*x = JWTSVID{}
-	mi := &file_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_agent_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1558,7 +1621,7 @@ func (x *JWTSVID) String() string {
 func (*JWTSVID) ProtoMessage() {}
 
 func (x *JWTSVID) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_agent_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1571,7 +1634,7 @@ func (x *JWTSVID) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JWTSVID.ProtoReflect.Descriptor instead.
 func (*JWTSVID) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *JWTSVID) GetToken() string {
@@ -1611,7 +1674,7 @@ type NewJWTSVIDResponse struct {
 
 func (x *NewJWTSVIDResponse) Reset() {
 	*x = NewJWTSVIDResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_agent_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1623,7 +1686,7 @@ func (x *NewJWTSVIDResponse) String() string {
 func (*NewJWTSVIDResponse) ProtoMessage() {}
 
 func (x *NewJWTSVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_agent_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1636,7 +1699,7 @@ func (x *NewJWTSVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NewJWTSVIDResponse.ProtoReflect.Descriptor instead.
 func (*NewJWTSVIDResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *NewJWTSVIDResponse) GetSvid() *JWTSVID {
@@ -1655,10 +1718,10 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\bidentity\x18\x01 \x01(\v2\x1b.ironroot.agent.v1.IdentityH\x00R\bidentity\x12:\n" +
 	"\x05proof\x18\x02 \x01(\v2\".ironroot.agent.v1.ActivationProofH\x00R\x05proof\x12A\n" +
 	"\bevidence\x18\x03 \x01(\v2#.ironroot.agent.v1.PlatformEvidenceH\x00R\bevidenceB\x06\n" +
-	"\x04step\"\xb3\x01\n" +
+	"\x04step\"\xe3\x01\n" +
 	"\x0eAttestResponse\x12F\n" +
-	"\tchallenge\x18\x01 \x01(\v2&.ironroot.agent.v1.CredentialChallengeH\x00R\tchallenge\x12\x16\n" +
-	"\x05nonce\x18\x02 \x01(\fH\x00R\x05nonce\x129\n" +
+	"\tchallenge\x18\x01 \x01(\v2&.ironroot.agent.v1.CredentialChallengeH\x00R\tchallenge\x12F\n" +
+	"\rquote_request\x18\x02 \x01(\v2\x1f.ironroot.agent.v1.QuoteRequestH\x00R\fquoteRequest\x129\n" +
 	"\x06result\x18\x03 \x01(\v2\x1f.ironroot.agent.v1.AttestResultH\x00R\x06resultB\x06\n" +
 	"\x04step\"\xac\x01\n" +
 	"\bIdentity\x12\x1b\n" +
@@ -1676,7 +1739,11 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"credential\x18\x01 \x01(\fR\n" +
 	"credential\x12\x16\n" +
-	"\x06secret\x18\x02 \x01(\fR\x06secret\")\n" +
+	"\x06secret\x18\x02 \x01(\fR\x06secret\"S\n" +
+	"\fQuoteRequest\x12\x14\n" +
+	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12\x19\n" +
+	"\bpcr_bank\x18\x02 \x01(\tR\apcrBank\x12\x12\n" +
+	"\x04pcrs\x18\x03 \x03(\rR\x04pcrs\")\n" +
 	"\x0fActivationProof\x12\x16\n" +
 	"\x06secret\x18\x01 \x01(\fR\x06secret\"\xd0\x01\n" +
 	"\x10PlatformEvidence\x12.\n" +
@@ -1784,69 +1851,71 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_v1_agent_proto_rawDescData
 }
 
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_agent_v1_agent_proto_goTypes = []any{
 	(*AttestRequest)(nil),            // 0: ironroot.agent.v1.AttestRequest
 	(*AttestResponse)(nil),           // 1: ironroot.agent.v1.AttestResponse
 	(*Identity)(nil),                 // 2: ironroot.agent.v1.Identity
 	(*AttestationKey)(nil),           // 3: ironroot.agent.v1.AttestationKey
 	(*CredentialChallenge)(nil),      // 4: ironroot.agent.v1.CredentialChallenge
-	(*ActivationProof)(nil),          // 5: ironroot.agent.v1.ActivationProof
-	(*PlatformEvidence)(nil),         // 6: ironroot.agent.v1.PlatformEvidence
-	(*Quote)(nil),                    // 7: ironroot.agent.v1.Quote
-	(*PCR)(nil),                      // 8: ironroot.agent.v1.PCR
-	(*CertifiedKey)(nil),             // 9: ironroot.agent.v1.CertifiedKey
-	(*AttestResult)(nil),             // 10: ironroot.agent.v1.AttestResult
-	(*SyncRequest)(nil),              // 11: ironroot.agent.v1.SyncRequest
-	(*SyncResponse)(nil),             // 12: ironroot.agent.v1.SyncResponse
-	(*Selector)(nil),                 // 13: ironroot.agent.v1.Selector
-	(*Entry)(nil),                    // 14: ironroot.agent.v1.Entry
-	(*Bundle)(nil),                   // 15: ironroot.agent.v1.Bundle
-	(*JWTAuthority)(nil),             // 16: ironroot.agent.v1.JWTAuthority
-	(*X509SVIDParams)(nil),           // 17: ironroot.agent.v1.X509SVIDParams
-	(*BatchNewX509SVIDRequest)(nil),  // 18: ironroot.agent.v1.BatchNewX509SVIDRequest
-	(*Status)(nil),                   // 19: ironroot.agent.v1.Status
-	(*X509SVID)(nil),                 // 20: ironroot.agent.v1.X509SVID
-	(*X509SVIDResult)(nil),           // 21: ironroot.agent.v1.X509SVIDResult
-	(*BatchNewX509SVIDResponse)(nil), // 22: ironroot.agent.v1.BatchNewX509SVIDResponse
-	(*NewJWTSVIDRequest)(nil),        // 23: ironroot.agent.v1.NewJWTSVIDRequest
-	(*JWTSVID)(nil),                  // 24: ironroot.agent.v1.JWTSVID
-	(*NewJWTSVIDResponse)(nil),       // 25: ironroot.agent.v1.NewJWTSVIDResponse
+	(*QuoteRequest)(nil),             // 5: ironroot.agent.v1.QuoteRequest
+	(*ActivationProof)(nil),          // 6: ironroot.agent.v1.ActivationProof
+	(*PlatformEvidence)(nil),         // 7: ironroot.agent.v1.PlatformEvidence
+	(*Quote)(nil),                    // 8: ironroot.agent.v1.Quote
+	(*PCR)(nil),                      // 9: ironroot.agent.v1.PCR
+	(*CertifiedKey)(nil),             // 10: ironroot.agent.v1.CertifiedKey
+	(*AttestResult)(nil),             // 11: ironroot.agent.v1.AttestResult
+	(*SyncRequest)(nil),              // 12: ironroot.agent.v1.SyncRequest
+	(*SyncResponse)(nil),             // 13: ironroot.agent.v1.SyncResponse
+	(*Selector)(nil),                 // 14: ironroot.agent.v1.Selector
+	(*Entry)(nil),                    // 15: ironroot.agent.v1.Entry
+	(*Bundle)(nil),                   // 16: ironroot.agent.v1.Bundle
+	(*JWTAuthority)(nil),             // 17: ironroot.agent.v1.JWTAuthority
+	(*X509SVIDParams)(nil),           // 18: ironroot.agent.v1.X509SVIDParams
+	(*BatchNewX509SVIDRequest)(nil),  // 19: ironroot.agent.v1.BatchNewX509SVIDRequest
+	(*Status)(nil),                   // 20: ironroot.agent.v1.Status
+	(*X509SVID)(nil),                 // 21: ironroot.agent.v1.X509SVID
+	(*X509SVIDResult)(nil),           // 22: ironroot.agent.v1.X509SVIDResult
+	(*BatchNewX509SVIDResponse)(nil), // 23: ironroot.agent.v1.BatchNewX509SVIDResponse
+	(*NewJWTSVIDRequest)(nil),        // 24: ironroot.agent.v1.NewJWTSVIDRequest
+	(*JWTSVID)(nil),                  // 25: ironroot.agent.v1.JWTSVID
+	(*NewJWTSVIDResponse)(nil),       // 26: ironroot.agent.v1.NewJWTSVIDResponse
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: ironroot.agent.v1.AttestRequest.identity:type_name -> ironroot.agent.v1.Identity
-	5,  // 1: ironroot.agent.v1.AttestRequest.proof:type_name -> ironroot.agent.v1.ActivationProof
-	6,  // 2: ironroot.agent.v1.AttestRequest.evidence:type_name -> ironroot.agent.v1.PlatformEvidence
+	6,  // 1: ironroot.agent.v1.AttestRequest.proof:type_name -> ironroot.agent.v1.ActivationProof
+	7,  // 2: ironroot.agent.v1.AttestRequest.evidence:type_name -> ironroot.agent.v1.PlatformEvidence
 	4,  // 3: ironroot.agent.v1.AttestResponse.challenge:type_name -> ironroot.agent.v1.CredentialChallenge
-	10, // 4: ironroot.agent.v1.AttestResponse.result:type_name -> ironroot.agent.v1.AttestResult
-	3,  // 5: ironroot.agent.v1.Identity.ak:type_name -> ironroot.agent.v1.AttestationKey
-	7,  // 6: ironroot.agent.v1.PlatformEvidence.quote:type_name -> ironroot.agent.v1.Quote
-	8,  // 7: ironroot.agent.v1.PlatformEvidence.pcrs:type_name -> ironroot.agent.v1.PCR
-	9,  // 8: ironroot.agent.v1.PlatformEvidence.key:type_name -> ironroot.agent.v1.CertifiedKey
-	15, // 9: ironroot.agent.v1.AttestResult.bundle:type_name -> ironroot.agent.v1.Bundle
-	13, // 10: ironroot.agent.v1.AttestResult.selectors:type_name -> ironroot.agent.v1.Selector
-	14, // 11: ironroot.agent.v1.SyncResponse.upserted:type_name -> ironroot.agent.v1.Entry
-	15, // 12: ironroot.agent.v1.SyncResponse.bundle:type_name -> ironroot.agent.v1.Bundle
-	13, // 13: ironroot.agent.v1.Entry.selectors:type_name -> ironroot.agent.v1.Selector
-	16, // 14: ironroot.agent.v1.Bundle.jwt_authorities:type_name -> ironroot.agent.v1.JWTAuthority
-	17, // 15: ironroot.agent.v1.BatchNewX509SVIDRequest.params:type_name -> ironroot.agent.v1.X509SVIDParams
-	19, // 16: ironroot.agent.v1.X509SVIDResult.status:type_name -> ironroot.agent.v1.Status
-	20, // 17: ironroot.agent.v1.X509SVIDResult.svid:type_name -> ironroot.agent.v1.X509SVID
-	21, // 18: ironroot.agent.v1.BatchNewX509SVIDResponse.results:type_name -> ironroot.agent.v1.X509SVIDResult
-	24, // 19: ironroot.agent.v1.NewJWTSVIDResponse.svid:type_name -> ironroot.agent.v1.JWTSVID
-	0,  // 20: ironroot.agent.v1.Agent.Attest:input_type -> ironroot.agent.v1.AttestRequest
-	11, // 21: ironroot.agent.v1.Agent.Sync:input_type -> ironroot.agent.v1.SyncRequest
-	18, // 22: ironroot.agent.v1.Agent.BatchNewX509SVID:input_type -> ironroot.agent.v1.BatchNewX509SVIDRequest
-	23, // 23: ironroot.agent.v1.Agent.NewJWTSVID:input_type -> ironroot.agent.v1.NewJWTSVIDRequest
-	1,  // 24: ironroot.agent.v1.Agent.Attest:output_type -> ironroot.agent.v1.AttestResponse
-	12, // 25: ironroot.agent.v1.Agent.Sync:output_type -> ironroot.agent.v1.SyncResponse
-	22, // 26: ironroot.agent.v1.Agent.BatchNewX509SVID:output_type -> ironroot.agent.v1.BatchNewX509SVIDResponse
-	25, // 27: ironroot.agent.v1.Agent.NewJWTSVID:output_type -> ironroot.agent.v1.NewJWTSVIDResponse
-	24, // [24:28] is the sub-list for method output_type
-	20, // [20:24] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	5,  // 4: ironroot.agent.v1.AttestResponse.quote_request:type_name -> ironroot.agent.v1.QuoteRequest
+	11, // 5: ironroot.agent.v1.AttestResponse.result:type_name -> ironroot.agent.v1.AttestResult
+	3,  // 6: ironroot.agent.v1.Identity.ak:type_name -> ironroot.agent.v1.AttestationKey
+	8,  // 7: ironroot.agent.v1.PlatformEvidence.quote:type_name -> ironroot.agent.v1.Quote
+	9,  // 8: ironroot.agent.v1.PlatformEvidence.pcrs:type_name -> ironroot.agent.v1.PCR
+	10, // 9: ironroot.agent.v1.PlatformEvidence.key:type_name -> ironroot.agent.v1.CertifiedKey
+	16, // 10: ironroot.agent.v1.AttestResult.bundle:type_name -> ironroot.agent.v1.Bundle
+	14, // 11: ironroot.agent.v1.AttestResult.selectors:type_name -> ironroot.agent.v1.Selector
+	15, // 12: ironroot.agent.v1.SyncResponse.upserted:type_name -> ironroot.agent.v1.Entry
+	16, // 13: ironroot.agent.v1.SyncResponse.bundle:type_name -> ironroot.agent.v1.Bundle
+	14, // 14: ironroot.agent.v1.Entry.selectors:type_name -> ironroot.agent.v1.Selector
+	17, // 15: ironroot.agent.v1.Bundle.jwt_authorities:type_name -> ironroot.agent.v1.JWTAuthority
+	18, // 16: ironroot.agent.v1.BatchNewX509SVIDRequest.params:type_name -> ironroot.agent.v1.X509SVIDParams
+	20, // 17: ironroot.agent.v1.X509SVIDResult.status:type_name -> ironroot.agent.v1.Status
+	21, // 18: ironroot.agent.v1.X509SVIDResult.svid:type_name -> ironroot.agent.v1.X509SVID
+	22, // 19: ironroot.agent.v1.BatchNewX509SVIDResponse.results:type_name -> ironroot.agent.v1.X509SVIDResult
+	25, // 20: ironroot.agent.v1.NewJWTSVIDResponse.svid:type_name -> ironroot.agent.v1.JWTSVID
+	0,  // 21: ironroot.agent.v1.Agent.Attest:input_type -> ironroot.agent.v1.AttestRequest
+	12, // 22: ironroot.agent.v1.Agent.Sync:input_type -> ironroot.agent.v1.SyncRequest
+	19, // 23: ironroot.agent.v1.Agent.BatchNewX509SVID:input_type -> ironroot.agent.v1.BatchNewX509SVIDRequest
+	24, // 24: ironroot.agent.v1.Agent.NewJWTSVID:input_type -> ironroot.agent.v1.NewJWTSVIDRequest
+	1,  // 25: ironroot.agent.v1.Agent.Attest:output_type -> ironroot.agent.v1.AttestResponse
+	13, // 26: ironroot.agent.v1.Agent.Sync:output_type -> ironroot.agent.v1.SyncResponse
+	23, // 27: ironroot.agent.v1.Agent.BatchNewX509SVID:output_type -> ironroot.agent.v1.BatchNewX509SVIDResponse
+	26, // 28: ironroot.agent.v1.Agent.NewJWTSVID:output_type -> ironroot.agent.v1.NewJWTSVIDResponse
+	25, // [25:29] is the sub-list for method output_type
+	21, // [21:25] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_agent_v1_agent_proto_init() }
@@ -1861,7 +1930,7 @@ func file_agent_v1_agent_proto_init() {
 	}
 	file_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*AttestResponse_Challenge)(nil),
-		(*AttestResponse_Nonce)(nil),
+		(*AttestResponse_QuoteRequest)(nil),
 		(*AttestResponse_Result)(nil),
 	}
 	type x struct{}
@@ -1870,7 +1939,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
