@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -143,14 +144,25 @@ func start(ctx context.Context, bin string, state *State, cfg startConfig) (*SWT
 		"--flags", "not-need-init,startup-clear")
 	s.cmd.Stdout, s.cmd.Stderr = s.output, s.output
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := s.cmd.Start(); err != nil {
-		s.cleanupTmp()
-		return nil, fmt.Errorf("starting swtpm: %w", err)
-	}
+	// Pdeathsig fires when the OS thread that forked the child exits, not
+	// the process: fork from a goroutine locked to its thread and keep it
+	// there until swtpm exits, so the runtime cannot retire that thread.
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := s.cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		_ = s.cmd.Wait()
 		close(s.done)
 	}()
+	if err := <-started; err != nil {
+		s.cleanupTmp()
+		return nil, fmt.Errorf("starting swtpm: %w", err)
+	}
 	if err := s.waitReady(ctx); err != nil {
 		_ = s.Stop()
 		return nil, err

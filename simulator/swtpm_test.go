@@ -8,9 +8,12 @@ import (
 	"encoding/asn1"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,7 +27,14 @@ import (
 
 var suite *simtest.Suite
 
+// childEnv makes the test binary act as a process that starts swtpm and
+// dies without stopping it (TestNoOrphanWhenParentDies).
+const childEnv = "IRONROOT_SIMULATOR_TEST_CHILD_STATE"
+
 func TestMain(m *testing.M) {
+	if dir := os.Getenv(childEnv); dir != "" {
+		os.Exit(orphanChild(dir))
+	}
 	suite = simtest.MustSuite()
 	code := m.Run()
 	suite.Close()
@@ -341,4 +351,54 @@ func TestTwoInstancesOnOneStateRefused(t *testing.T) {
 		t.Fatal("second swtpm on a locked state started")
 	}
 	t.Logf("refused as expected: %v", err)
+}
+
+func orphanChild(dir string) int {
+	st, err := simulator.OpenState(dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	s, err := simulator.Start(context.Background(), st)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(s.PID())
+	return 0 // exit without Stop, as a crashing test would
+}
+
+// TestNoOrphanWhenParentDies starts swtpm from a child process that exits
+// without stopping it: the kernel must kill swtpm (Pdeathsig).
+func TestNoOrphanWhenParentDies(t *testing.T) {
+	st := simtest.Clone(t, suite.State)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+st.Dir)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("child: %v (%s)", err, out)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	if err != nil {
+		t.Fatalf("child printed %q, want a pid", out)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) }) // only if the check failed
+	// A hang guard, not a speed check: the kernel signals at once.
+	deadline := time.Now().Add(20 * time.Second)
+	for alive(pid) {
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpm pid %d outlived the process that started it", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// alive reports whether pid runs (a zombie awaiting its reaper is dead).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	_, rest, _ := strings.Cut(string(b), ") ")
+	return !strings.HasPrefix(rest, "Z") && !strings.HasPrefix(rest, "X")
 }
