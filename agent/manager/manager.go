@@ -130,6 +130,8 @@ type Manager struct {
 	lastErr      string
 	synced       chan struct{}
 	syncedOnce   bool
+	ready        chan struct{}
+	readyOnce    bool
 }
 
 // entry is one registration entry and its cached SVID.
@@ -214,6 +216,7 @@ func New(cfg Config) (*Manager, error) {
 		entries:  make(map[string]*entry),
 		subs:     make(map[*subscriber]struct{}),
 		synced:   make(chan struct{}),
+		ready:    make(chan struct{}),
 	}, nil
 }
 
@@ -274,6 +277,12 @@ func (m *Manager) Invalidate(reason string) {
 
 // Synced is closed once the first full Sync has been applied.
 func (m *Manager) Synced() <-chan struct{} { return m.synced }
+
+// Ready is closed once the first full Sync has been applied and every entry
+// in it has been through one signing attempt. The runtime should start the
+// Workload API after Ready: a workload that connects earlier is told
+// PermissionDenied and backs off (go-spiffe waits a second or more).
+func (m *Manager) Ready() <-chan struct{} { return m.ready }
 
 // State returns a summary of the cache.
 func (m *Manager) State() State {

@@ -156,9 +156,9 @@ func TestFullSyncSignsEveryWorkloadEntry(t *testing.T) {
 		}
 	}
 	<-h.m.Synced()
-	waitState(t, h.m, "4 SVIDs", func(st State) bool { return st.SVIDs == 4 })
+	<-h.m.Ready() // every entry of the first sync is signed by now
 	st := h.m.State()
-	if st.Entries != 4 || st.NodeAliases != 1 || !st.Connected || st.LastSync.IsZero() || st.BundleSequence != 1 || st.Subscribers != 1 {
+	if st.Entries != 4 || st.SVIDs != 4 || st.NodeAliases != 1 || !st.Connected || st.LastSync.IsZero() || st.BundleSequence != 1 || st.Subscribers != 1 {
 		t.Errorf("State() = %+v", st)
 	}
 	if h.fake.csrs.Load() != 4 {

@@ -38,6 +38,7 @@ func (m *Manager) signLoop(ctx context.Context) {
 			}
 			continue
 		}
+		m.markReady()
 		wait := idleWait
 		if !next.IsZero() {
 			wait = max(next.Sub(m.cfg.Clock()), time.Millisecond)
@@ -45,6 +46,16 @@ func (m *Manager) signLoop(ctx context.Context) {
 		if !sleep(ctx, wait, m.kick) {
 			return
 		}
+	}
+}
+
+// markReady closes Ready after the first full sync has been signed.
+func (m *Manager) markReady() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.syncedOnce && !m.readyOnce {
+		m.readyOnce = true
+		close(m.ready)
 	}
 }
 
