@@ -424,3 +424,23 @@ func (t *TPM) readPCRs(alg tpm2.TPMIAlgHash, idx []uint) ([][]byte, error) {
 	}
 	return out, nil
 }
+
+// Attest answers the server's nonce (the protocol's second round trip): a
+// quote over sel, the quoted PCR values, the platform's event log, and a
+// new TPM-resident key certified by the AK over the same nonce. The caller
+// keeps the key (it becomes the agent's SVID key) and may Marshal it.
+func (ak *AK) Attest(ctx context.Context, nonce []byte, sel PCRSelection) (PlatformEvidence, *Key, error) {
+	q, pcrs, err := ak.Quote(ctx, nonce, sel)
+	if err != nil {
+		return PlatformEvidence{}, nil, err
+	}
+	log, err := ak.tpm.EventLog(ctx)
+	if err != nil {
+		return PlatformEvidence{}, nil, err
+	}
+	key, ck, err := ak.tpm.NewKey(ctx, ak, nonce)
+	if err != nil {
+		return PlatformEvidence{}, nil, err
+	}
+	return PlatformEvidence{Quote: q, PCRs: pcrs, EventLog: log, Key: ck}, key, nil
+}

@@ -628,13 +628,15 @@ func TestFullFlowLeavesNoHandles(t *testing.T) {
 		if _, err := ak.ActivateCredential(ctx, ek, challenge(t, ek, ak.AttestationParameters().Public, secret)); err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := ak.Quote(ctx, nonce(t), PCRSelection{}); err != nil {
-			t.Fatal(err)
-		}
-		key, _, err := tp.NewKey(ctx, ak, nonce(t))
+		n := nonce(t)
+		ev, key, err := ak.Attest(ctx, n, PCRSelection{})
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("Attest: %v", err)
 		}
+		if len(ev.Quote.Attest) == 0 || len(ev.PCRs) != 8 || ev.EventLog != nil {
+			t.Errorf("evidence incomplete: %d-byte quote, %d PCRs, %d-byte log", len(ev.Quote.Attest), len(ev.PCRs), len(ev.EventLog))
+		}
+		verifyCertifiedKey(t, ak, ev.Key, n, key.Public())
 		if _, err := key.Sign(nil, make([]byte, 32), crypto.SHA256); err != nil {
 			t.Fatal(err)
 		}
