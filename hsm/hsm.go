@@ -25,8 +25,13 @@ type HSM struct {
 	pin        string
 
 	state atomic.Pointer[tokenState]
-	pool  chan *session
 	size  int
+	// slots bounds the sessions in use: one token per session lent out.
+	slots chan struct{}
+	// idle holds open sessions not in use, most recently used last: reusing
+	// the warmest session first keeps few sessions open.
+	idleMu sync.Mutex
+	idle   []*session
 
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -54,7 +59,7 @@ type tokenState struct {
 	slot uint
 }
 
-// session is a pool entry; open is false until a PKCS#11 session is opened.
+// session is a pooled PKCS#11 session; open is false once it is closed.
 type session struct {
 	h    pkcs11.SessionHandle
 	gen  uint64
@@ -164,10 +169,7 @@ func (h *HSM) open() error {
 		}
 	}
 	h.size = size
-	h.pool = make(chan *session, size)
-	for range size {
-		h.pool <- &session{}
-	}
+	h.slots = make(chan struct{}, size)
 	h.state.Store(&tokenState{gen: 1, slot: slot})
 	h.recMu.Lock()
 	defer h.recMu.Unlock()
@@ -242,18 +244,17 @@ func (h *HSM) openAnchor(slot uint) error {
 	return nil
 }
 
-// acquire takes a session from the pool, opening one if needed. On a
-// C_OpenSession failure it returns the entry with the error; the caller must
-// release it either way (unless it is nil).
+// acquire takes a session from the pool, opening one if none is idle. On a
+// C_OpenSession failure it returns the (unopened) session with the error; the
+// caller must release it either way (unless it is nil).
 func (h *HSM) acquire(ctx context.Context) (*session, error) {
 	select {
 	case <-h.closed:
 		return nil, ErrClosed
 	default:
 	}
-	var s *session
 	select {
-	case s = <-h.pool:
+	case h.slots <- struct{}{}:
 	case <-h.closed:
 		return nil, ErrClosed
 	case <-ctx.Done():
@@ -261,18 +262,25 @@ func (h *HSM) acquire(ctx context.Context) (*session, error) {
 	}
 	select {
 	case <-h.closed:
-		h.pool <- s
+		<-h.slots
 		return nil, ErrClosed
 	default:
 	}
 	h.inUse.Add(1)
 	st := h.state.Load()
-	if s.open && s.gen != st.gen {
-		_ = h.mod.ctx.CloseSession(s.h) // from before a recovery: probably dead already
-		s.open = false
+	h.idleMu.Lock()
+	var s *session
+	if n := len(h.idle); n > 0 {
+		s = h.idle[n-1]
+		h.idle = h.idle[:n-1]
 	}
-	if !s.open {
-		s.gen = st.gen
+	h.idleMu.Unlock()
+	if s != nil && s.gen != st.gen {
+		_ = h.mod.ctx.CloseSession(s.h) // from before a recovery: probably dead already
+		s = nil
+	}
+	if s == nil {
+		s = &session{gen: st.gen}
 		sh, err := h.mod.ctx.OpenSession(st.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 		if err != nil {
 			return s, p11err("C_OpenSession", err)
@@ -282,15 +290,21 @@ func (h *HSM) acquire(ctx context.Context) (*session, error) {
 	return s, nil
 }
 
-// release returns s to the pool; drop closes its PKCS#11 session first, so a
-// failed session is never handed out again.
+// release returns s to the pool; drop closes its PKCS#11 session instead, so
+// a failed session is never handed out again.
 func (h *HSM) release(s *session, drop bool) {
-	if drop && s.open {
-		_ = h.mod.ctx.CloseSession(s.h)
-		s.open = false
+	if s.open {
+		if drop {
+			_ = h.mod.ctx.CloseSession(s.h)
+			s.open = false
+		} else {
+			h.idleMu.Lock()
+			h.idle = append(h.idle, s)
+			h.idleMu.Unlock()
+		}
 	}
 	h.inUse.Add(-1)
-	h.pool <- s
+	<-h.slots
 }
 
 // do runs fn on a pooled session. When fn (or opening the session) fails in
@@ -310,7 +324,7 @@ func (h *HSM) do(ctx context.Context, fn func(*session) error) error {
 			h.release(s, false)
 			return err
 		}
-		gen := s.gen // s belongs to the pool again after release
+		gen := s.gen // s may be reused by others after release
 		h.release(s, true)
 		if attempt > 0 {
 			return err
@@ -392,13 +406,16 @@ func (h *HSM) Stats() PoolStats {
 func (h *HSM) Close() error {
 	h.closeOnce.Do(func() {
 		close(h.closed)
+		// Taking every slot waits for the operations in flight.
 		for range h.size {
-			s := <-h.pool
-			if s.open {
-				_ = h.mod.ctx.CloseSession(s.h)
-				s.open = false
-			}
+			h.slots <- struct{}{}
 		}
+		h.idleMu.Lock()
+		for _, s := range h.idle {
+			_ = h.mod.ctx.CloseSession(s.h)
+		}
+		h.idle = nil
+		h.idleMu.Unlock()
 		h.recMu.Lock()
 		if h.anchorOpen {
 			_ = h.mod.ctx.CloseSession(h.anchor)

@@ -46,7 +46,7 @@ var (
 	moduleErr  error
 )
 
-func TestMain(m *testing.M) { os.Exit(simtest.RunWithSoftHSM(m, &softHSM, 24)) }
+func TestMain(m *testing.M) { os.Exit(simtest.RunWithSoftHSM(m, &softHSM, 8)) }
 
 func testModule(t testing.TB) *Module {
 	t.Helper()
@@ -59,11 +59,49 @@ func testModule(t testing.TB) *Module {
 	return module
 }
 
-// openToken makes a fresh SoftHSM token and opens it.
-func openToken(t testing.TB, opts ...Option) (*HSM, *simulator.SoftHSMToken) {
+// takeToken gives the test an empty token of its own. When the test ends
+// (after its HSMs are closed) every object on it is destroyed and the token
+// goes back to the prepared ones, so -count=N does not run out of tokens.
+func takeToken(t testing.TB) *simulator.SoftHSMToken {
 	t.Helper()
 	m := testModule(t)
 	tok := simtest.SoftHSMToken(t, softHSM)
+	t.Cleanup(func() {
+		ctx := context.Background()
+		h, err := m.Open(ctx, tok.URI)
+		if err != nil {
+			t.Errorf("wiping token: %v", err)
+			return
+		}
+		err = h.do(ctx, func(s *session) error {
+			objs, err := h.findObjects(s, nil, 1000)
+			if err != nil {
+				return err
+			}
+			for _, o := range objs {
+				if err := h.mod.ctx.DestroyObject(s.h, o); err != nil {
+					return p11err("C_DestroyObject", err)
+				}
+			}
+			return nil
+		})
+		if cerr := h.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			t.Errorf("wiping token: %v", err)
+			return
+		}
+		softHSM.ReturnToken(tok)
+	})
+	return tok
+}
+
+// openToken gives the test a token of its own and opens it.
+func openToken(t testing.TB, opts ...Option) (*HSM, *simulator.SoftHSMToken) {
+	t.Helper()
+	m := testModule(t)
+	tok := takeToken(t)
 	h, err := m.Open(context.Background(), tok.URI, opts...)
 	if err != nil {
 		t.Fatalf("opening token %s: %v", tok.URI, err)
@@ -332,7 +370,7 @@ func importKey(t *testing.T, tok *simulator.SoftHSMToken, label, idHex string) *
 
 func TestImportedKeyRefused(t *testing.T) {
 	m := testModule(t)
-	tok := simtest.SoftHSMToken(t, softHSM)
+	tok := takeToken(t)
 	priv := importKey(t, tok, "imported", "c0ffee")
 	ctx := context.Background()
 
@@ -454,7 +492,7 @@ func TestConcurrentSign(t *testing.T) {
 
 // TestCloseAllSessionsUnderLoad kills every session of the token behind the
 // pool's back while signers run: signing must carry on without a restart
-// and without a single failed signature.
+// and without a single failed signature, after exactly one recovery.
 func TestCloseAllSessionsUnderLoad(t *testing.T) {
 	var logs syncBuffer
 	h, tok := openToken(t, WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
@@ -505,8 +543,20 @@ func TestCloseAllSessionsUnderLoad(t *testing.T) {
 		}()
 	}
 	<-closeTriggers
+	// SoftHSM frees a session closed by C_CloseAllSessions even while another
+	// thread is inside C_Sign on it (double free), so the sessions are killed
+	// between two operations: every pool slot is held for the moment of the
+	// call, with the signers queued behind it. Every pooled session is dead
+	// when they resume.
+	for range h.size {
+		h.slots <- struct{}{}
+	}
 	slot := h.state.Load().slot
-	if err := h.mod.ctx.CloseAllSessions(slot); err != nil {
+	err := h.mod.ctx.CloseAllSessions(slot)
+	for range h.size {
+		<-h.slots
+	}
+	if err != nil {
 		t.Fatalf("C_CloseAllSessions: %v", err)
 	}
 	closed.Store(true)
@@ -585,7 +635,7 @@ func TestRecoveryRateLimited(t *testing.T) {
 
 func TestOpenErrors(t *testing.T) {
 	m := testModule(t)
-	tok := simtest.SoftHSMToken(t, softHSM)
+	tok := takeToken(t)
 	ctx := context.Background()
 	notModule := filepath.Join(t.TempDir(), "garbage.so")
 	if err := os.WriteFile(notModule, []byte("not an ELF file"), 0o600); err != nil {
@@ -719,7 +769,7 @@ func TestSessionWaitBounded(t *testing.T) {
 
 func TestClosedHSM(t *testing.T) {
 	m := testModule(t)
-	tok := simtest.SoftHSMToken(t, softHSM)
+	tok := takeToken(t)
 	h, err := m.Open(context.Background(), tok.URI)
 	if err != nil {
 		t.Fatal(err)
@@ -782,22 +832,42 @@ func TestParseECPublicKey(t *testing.T) {
 }
 
 func TestECDSADER(t *testing.T) {
-	raw := append(bytes.Repeat([]byte{0}, 31), 5)
-	raw = append(raw, append([]byte{0x80}, bytes.Repeat([]byte{1}, 31)...)...)
-	der, err := ecdsaDER(raw)
-	if err != nil {
-		t.Fatal(err)
+	rnd := func(n int) []byte {
+		b := make([]byte, n)
+		rand.Read(b)
+		return b
 	}
-	var sig struct{ R, S *big.Int }
-	if rest, err := asn1.Unmarshal(der, &sig); err != nil || len(rest) != 0 {
-		t.Fatalf("DER does not parse: %v", err)
+	high := func(n int) []byte { b := rnd(n); b[0] |= 0x80; return b }
+	lead := func(n int) []byte { b := rnd(n); b[0], b[1] = 0, 0x7f; return b }
+	tests := []struct {
+		name string
+		r, s []byte
+	}{
+		{"P-256 random", rnd(32), rnd(32)},
+		{"P-256 high bits", high(32), high(32)},
+		{"P-256 leading zeros", lead(32), lead(32)},
+		{"P-256 small r", append(make([]byte, 31), 5), high(32)},
+		{"P-384 high bits", high(48), high(48)},
+		{"P-521 long form", high(66), high(66)},
 	}
-	if sig.R.Int64() != 5 || sig.S.Cmp(new(big.Int).SetBytes(raw[32:])) != 0 {
-		t.Errorf("r, s = %v, %v", sig.R, sig.S)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			der, err := ecdsaDER(append(append([]byte{}, tc.r...), tc.s...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(tc.r), new(big.Int).SetBytes(tc.s)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(der, want) {
+				t.Errorf("ecdsaDER = %x\nwant       %x", der, want)
+			}
+		})
 	}
-	for _, bad := range [][]byte{nil, {1, 2, 3}, make([]byte, 64)} {
+	for _, bad := range [][]byte{nil, {1, 2, 3}, make([]byte, 64), make([]byte, 134)} {
 		if _, err := ecdsaDER(bad); err == nil {
-			t.Errorf("ecdsaDER(%x) accepted", bad)
+			t.Errorf("ecdsaDER(%d bytes) accepted", len(bad))
 		}
 	}
 }

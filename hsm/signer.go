@@ -9,11 +9,9 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
-	"encoding/asn1"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
@@ -195,18 +193,42 @@ func rsaHashParams(hash crypto.Hash) (uint, uint, []byte, error) {
 	return 0, 0, nil, fmt.Errorf("unsupported hash %v for RSA (want SHA-256, SHA-384 or SHA-512)", hash)
 }
 
-// ecdsaDER converts the token's raw r‖s into ASN.1 DER.
+// ecdsaDER converts the token's raw r‖s into ASN.1 DER
+// SEQUENCE { INTEGER r, INTEGER s }, without reflection (it is on the hot path).
 func ecdsaDER(raw []byte) ([]byte, error) {
-	if len(raw) == 0 || len(raw)%2 != 0 || len(raw) > 264 {
+	if len(raw) == 0 || len(raw)%2 != 0 || len(raw) > 132 {
 		return nil, fmt.Errorf("token returned a %d-byte ECDSA signature, want r‖s", len(raw))
 	}
 	half := len(raw) / 2
-	r := new(big.Int).SetBytes(raw[:half])
-	s := new(big.Int).SetBytes(raw[half:])
-	if r.Sign() == 0 || s.Sign() == 0 {
+	r, s := derInt(raw[:half]), derInt(raw[half:])
+	if r == nil || s == nil {
 		return nil, errors.New("token returned an ECDSA signature with r or s zero")
 	}
-	return asn1.Marshal(struct{ R, S *big.Int }{r, s})
+	body := len(r) + len(s) + 4
+	out := make([]byte, 0, body+3)
+	out = append(out, 0x30)
+	if body >= 0x80 {
+		out = append(out, 0x81)
+	}
+	out = append(out, byte(body), 0x02, byte(len(r)))
+	out = append(out, r...)
+	out = append(out, 0x02, byte(len(s)))
+	return append(out, s...), nil
+}
+
+// derInt returns the DER INTEGER contents of the unsigned big-endian b:
+// leading zeros removed, one zero added if the top bit is set; nil for zero.
+func derInt(b []byte) []byte {
+	for len(b) > 0 && b[0] == 0 {
+		b = b[1:]
+	}
+	if len(b) == 0 {
+		return nil
+	}
+	if b[0]&0x80 != 0 {
+		return append([]byte{0}, b...)
+	}
+	return b
 }
 
 // selfTest signs random data and verifies the signature in software, so a

@@ -232,6 +232,15 @@ func (s *SoftHSM) TakeToken() (*SoftHSMToken, error) {
 	return tok, nil
 }
 
+// ReturnToken gives a token from TakeToken back for reuse. Return only a
+// token that is empty again (all objects destroyed) and still has the PIN
+// it was handed out with.
+func (s *SoftHSM) ReturnToken(tok *SoftHSMToken) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.spare = append(s.spare, tok)
+}
+
 // DeleteToken deletes the token labelled label and its PIN file. Close every
 // PKCS#11 session on it first: its objects vanish under open handles.
 func (s *SoftHSM) DeleteToken(ctx context.Context, label string) error {
