@@ -1,0 +1,197 @@
+package agentapi
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"slices"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
+	"github.com/ironroot/ironroot/server/entrycache"
+	"github.com/ironroot/ironroot/server/store"
+)
+
+// MaxSyncMessageBytes bounds one SyncResponse. A change set larger than
+// this (an agent authorized for more than roughly 8,000 entries) is split
+// over several messages sent back to back: the first carries full (on
+// connect) and the bundle, the rest only further upserted entries and
+// deleted IDs. It stays well under gRPC's default 4 MiB receive limit.
+const MaxSyncMessageBytes = 2 << 20
+
+// perItemOverhead over-approximates the tag and length prefix of one
+// repeated field element, so a message never exceeds its budget.
+const perItemOverhead = 8
+
+// Sync streams the entries the calling agent is authorized for: the full
+// set with the bundle on connect, then, as each change is committed, the
+// upserted entries and deleted IDs, and the bundle whenever its sequence
+// number changes. It waits on the entry cache's and the CA's signals and
+// never polls; the entry cache signals after it applied node events too, so
+// a ban, an eviction or a re-attestation of the caller ends the stream with
+// PermissionDenied naming the reason. The stream also ends, Unauthenticated,
+// when the agent SVID it was opened with expires.
+func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) error {
+	ctx := stream.Context()
+	c, err := s.authenticate(ctx)
+	if err != nil {
+		return err
+	}
+	// Subscribe before the first computation, so a change committed in
+	// between wakes the loop instead of being missed.
+	entriesCh, cancelEntries := s.cfg.Entries.Subscribe()
+	defer cancelEntries()
+	bundleCh, cancelBundle := s.cfg.CA.SubscribeBundle()
+	defer cancelBundle()
+
+	expiry := time.NewTimer(max(c.cert.NotAfter.Sub(s.cfg.Clock()), 0))
+	defer expiry.Stop()
+
+	node := c.node
+	revision := s.cfg.Entries.Revision()
+	current := s.cfg.Entries.Authorized(c.id, node.Selectors)
+	b := s.cfg.CA.Bundle()
+	pb, err := ToProtoBundle(b)
+	if err != nil {
+		return status.Errorf(codes.Internal, "encoding the bundle: %v", err)
+	}
+	bundleSeq := b.Sequence
+	upserted := make([]*agentv1.Entry, 0, len(current))
+	for _, e := range sortedByID(current) {
+		upserted = append(upserted, ToProtoEntry(e))
+	}
+	if err := sendAll(stream, syncMessages(true, upserted, nil, pb, MaxSyncMessageBytes)); err != nil {
+		return err
+	}
+	s.log.Debug("sync stream opened", "agent", c.id.String(), "entries", len(current))
+
+	for {
+		select {
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		case <-expiry.C:
+			return status.Errorf(codes.Unauthenticated, "agent %s: the SVID this stream was opened with has expired", c.id)
+		case <-entriesCh:
+		case <-bundleCh:
+		}
+		// Both signals coalesce and one pass handles everything, so take
+		// whichever else is pending now rather than waking again for it.
+		drain(entriesCh)
+		drain(bundleCh)
+
+		if node, err = s.recheckNode(ctx, c); err != nil {
+			return err
+		}
+		var (
+			msgUpserted []*agentv1.Entry
+			msgDeleted  []string
+			msgBundle   *agentv1.Bundle
+		)
+		if rev := s.cfg.Entries.Revision(); rev != revision {
+			revision = rev
+			next := s.cfg.Entries.Authorized(c.id, node.Selectors)
+			added, updated, removed := entrycache.Diff(current, next)
+			current = next
+			for _, e := range added {
+				msgUpserted = append(msgUpserted, ToProtoEntry(e))
+			}
+			for _, e := range updated {
+				msgUpserted = append(msgUpserted, ToProtoEntry(e))
+			}
+			for _, e := range removed {
+				msgDeleted = append(msgDeleted, e.ID)
+			}
+		}
+		if b := s.cfg.CA.Bundle(); b.Sequence != bundleSeq {
+			if msgBundle, err = ToProtoBundle(b); err != nil {
+				return status.Errorf(codes.Internal, "encoding the bundle: %v", err)
+			}
+			bundleSeq = b.Sequence
+		}
+		if len(msgUpserted) == 0 && len(msgDeleted) == 0 && msgBundle == nil {
+			continue
+		}
+		if err := sendAll(stream, syncMessages(false, msgUpserted, msgDeleted, msgBundle, MaxSyncMessageBytes)); err != nil {
+			return err
+		}
+	}
+}
+
+// recheckNode re-reads the caller's node record: a ban, an eviction or a
+// re-attestation (new SVID serial) since the stream opened ends it.
+func (s *Service) recheckNode(ctx context.Context, c *caller) (*store.Node, error) {
+	node, err := s.cfg.Store.GetNode(ctx, c.id.String())
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return nil, status.Errorf(codes.PermissionDenied, "agent %s was evicted: it must re-attest", c.id)
+	case err != nil && ctx.Err() != nil:
+		return nil, status.FromContextError(ctx.Err()).Err()
+	case err != nil:
+		// The agent reconnects and is re-checked; a stream must not go on
+		// without knowing whether its node is still admitted.
+		return nil, status.Errorf(codes.Unavailable, "re-reading agent %s: %v", c.id, err)
+	case node.Banned:
+		return nil, status.Errorf(codes.PermissionDenied, "agent %s was banned", c.id)
+	case node.CertSerial != c.cert.SerialNumber.String():
+		return nil, status.Errorf(codes.PermissionDenied, "agent %s re-attested: the SVID this stream was opened with is no longer current", c.id)
+	}
+	return node, nil
+}
+
+func drain(ch <-chan struct{}) {
+	select {
+	case <-ch:
+	default:
+	}
+}
+
+func sortedByID(es []*store.Entry) []*store.Entry {
+	out := slices.Clone(es)
+	slices.SortFunc(out, func(a, b *store.Entry) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
+
+func sendAll(stream agentv1.Agent_SyncServer, msgs []*agentv1.SyncResponse) error {
+	for _, m := range msgs {
+		if err := stream.Send(m); err != nil {
+			// The client went away or the server is stopping.
+			return err
+		}
+	}
+	return nil
+}
+
+// syncMessages splits one change set into messages of at most budget bytes
+// (a single entry larger than the budget still gets a message of its own;
+// the store's limits keep entries far smaller). The first message carries
+// full and the bundle; deleted IDs follow the upserted entries. A full set
+// always yields at least one message, an empty change set none.
+func syncMessages(full bool, upserted []*agentv1.Entry, deleted []string, bundle *agentv1.Bundle, budget int) []*agentv1.SyncResponse {
+	if !full && len(upserted) == 0 && len(deleted) == 0 && bundle == nil {
+		return nil
+	}
+	cur := &agentv1.SyncResponse{Full: full, Bundle: bundle}
+	size := proto.Size(cur)
+	out := []*agentv1.SyncResponse{cur}
+	room := func(n int) {
+		if size+n > budget && (len(cur.Upserted) > 0 || len(cur.DeletedIds) > 0) {
+			cur = &agentv1.SyncResponse{}
+			size = 0
+			out = append(out, cur)
+		}
+		size += n
+	}
+	for _, e := range upserted {
+		room(proto.Size(e) + perItemOverhead)
+		cur.Upserted = append(cur.Upserted, e)
+	}
+	for _, id := range deleted {
+		room(len(id) + perItemOverhead)
+		cur.DeletedIds = append(cur.DeletedIds, id)
+	}
+	return out
+}
