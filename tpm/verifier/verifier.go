@@ -114,7 +114,7 @@ type chainEntry struct {
 	until        time.Time
 }
 
-// DefaultPCRs is the PCR selection used when Config.PCRs is empty: the
+// defaultPCRs is the PCR selection used when Config.PCRs is empty: the
 // firmware and boot loader PCRs of the TCG PC Client profile.
 var defaultPCRs = []int{0, 1, 2, 3, 4, 5, 6, 7}
 
