@@ -579,3 +579,47 @@ func TestEKChainCacheHonoursValidity(t *testing.T) {
 		}
 	}
 }
+
+// The verifier is shared by all of the server's RPC handlers.
+func TestForgedConcurrentSessions(t *testing.T) {
+	f := newForge(t)
+	v := forgeVerifier(t, f, nil)
+	id := f.identity()
+	const n = 16
+	evs := make(chan error, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, _, err := v.Begin(t.Context(), id)
+			if err != nil {
+				evs <- err
+				return
+			}
+			s.mu.Lock()
+			secret := append([]byte(nil), s.secret...)
+			s.mu.Unlock()
+			nonce, err := s.Activate(t.Context(), tpm.ActivationProof{Secret: secret})
+			if err != nil {
+				evs <- err
+				return
+			}
+			_, err = s.Finish(t.Context(), f.evidence(nonce), nil)
+			evs <- err
+		}()
+	}
+	wg.Wait()
+	close(evs)
+	for err := range evs {
+		if err != nil {
+			t.Fatalf("concurrent attestation: %v", err)
+		}
+	}
+	v.mu.Lock()
+	left := len(v.nonces)
+	v.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d nonces left outstanding after every session finished", left)
+	}
+}
