@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -359,7 +360,9 @@ func orphanChild(dir string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	s, err := simulator.Start(context.Background(), st)
+	// Sockets inside the test's directory: nothing calls Stop to remove a
+	// temporary socket directory.
+	s, err := simulator.Start(context.Background(), st, simulator.WithSocketPath(filepath.Join(dir, "s.sock")))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
