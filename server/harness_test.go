@@ -345,4 +345,3 @@ func entryIDs(es []*agentv1.Entry) map[string]*agentv1.Entry {
 	}
 	return out
 }
-
