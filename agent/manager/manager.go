@@ -28,6 +28,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
 	"github.com/ironroot/ironroot/workloadapi"
@@ -80,6 +81,13 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 	// RPCTimeout bounds each signing call (default 30 s).
 	RPCTimeout time.Duration
+	// OnAuthError, if set, is called when the server refuses the agent
+	// itself (PermissionDenied or Unauthenticated on the Sync stream or on
+	// a whole signing call): the node was banned or evicted, or its SVID is
+	// no longer current. The runtime typically re-attests and calls
+	// SetClient, or calls Invalidate if it cannot. It runs on the
+	// manager's goroutines and must not block.
+	OnAuthError func(error)
 }
 
 // State is a summary of the cache for health checks and logs.
@@ -495,6 +503,16 @@ func (m *Manager) rotationTime(notBefore, notAfter time.Time) time.Time {
 		half += time.Duration((mrand.Float64()*2 - 1) * j * float64(half))
 	}
 	return notBefore.Add(half)
+}
+
+// authError reports err to OnAuthError if the server refused the agent.
+func (m *Manager) authError(err error) {
+	switch status.Code(err) {
+	case codes.PermissionDenied, codes.Unauthenticated:
+		if m.cfg.OnAuthError != nil {
+			m.cfg.OnAuthError(err)
+		}
+	}
 }
 
 // codeOf converts a wire status code, treating unknown values as Unknown.

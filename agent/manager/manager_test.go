@@ -14,6 +14,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
 	"github.com/ironroot/ironroot/workloadapi"
@@ -291,7 +293,14 @@ func TestInvalidateAndResume(t *testing.T) {
 }
 
 func TestReconnectAndResync(t *testing.T) {
-	h := start(t, Config{}, workloadEntry("e-a", "/a", 1, "unix:uid:1000"), workloadEntry("e-b", "/b", 1, "unix:uid:1000"))
+	authErrs := make(chan error, 100)
+	onAuth := func(err error) {
+		select {
+		case authErrs <- err:
+		default:
+		}
+	}
+	h := start(t, Config{OnAuthError: onAuth}, workloadEntry("e-a", "/a", 1, "unix:uid:1000"), workloadEntry("e-b", "/b", 1, "unix:uid:1000"))
 	sub := subscribe(t, h.m, "unix:uid:1000")
 	snap := waitSnap(t, sub, "/a /b", hasIDs("/a", "/b"))
 	serialA := serial(snap, "/a")
@@ -303,6 +312,14 @@ func TestReconnectAndResync(t *testing.T) {
 	h.fake.mu.Unlock()
 	h.fake.breakStreams()
 	waitState(t, h.m, "disconnected", func(st State) bool { return !st.Connected && st.LastError != "" })
+	select {
+	case err := <-authErrs:
+		if status.Code(err) != codes.PermissionDenied {
+			t.Errorf("OnAuthError got %v", err)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("OnAuthError was not called for a refused Sync")
+	}
 	h.fake.mu.Lock()
 	delete(h.fake.entries, "e-b")
 	h.fake.entries["e-c"] = workloadEntry("e-c", "/c", 1, "unix:uid:1000")
@@ -560,4 +577,7 @@ func TestInvalidEntriesAreIgnored(t *testing.T) {
 	if st := h.m.State(); st.Entries != 1 {
 		t.Errorf("State().Entries = %d, want 1", st.Entries)
 	}
+	// An update that makes a known entry unusable drops its old version.
+	h.fake.upsert(&agentv1.Entry{Id: "e-a", SpiffeId: "spiffe://other.org/a", ParentId: testAgentID, RevisionNumber: 2, Selectors: []*agentv1.Selector{{Type: "unix", Value: "uid:1000"}}})
+	waitSnap(t, sub, "no SVIDs", hasIDs())
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -13,6 +14,9 @@ import (
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
 )
+
+// parallelBatches bounds the BatchNewX509SVID calls in flight.
+const parallelBatches = 2
 
 // idleWait is how long the signer sleeps when nothing is scheduled; a kick
 // wakes it earlier.
@@ -33,9 +37,19 @@ func (m *Manager) signLoop(ctx context.Context) {
 	for ctx.Err() == nil {
 		due, client, epoch, next := m.due()
 		if len(due) > 0 && client != nil {
+			// A couple of batches in flight overlap key generation here
+			// with signing on the server.
+			sem := make(chan struct{}, parallelBatches)
+			var wg sync.WaitGroup
 			for start := 0; start < len(due) && ctx.Err() == nil; start += m.cfg.BatchSize {
-				m.signBatch(ctx, client, epoch, due[start:min(start+m.cfg.BatchSize, len(due))])
+				batch := due[start:min(start+m.cfg.BatchSize, len(due))]
+				sem <- struct{}{}
+				wg.Go(func() {
+					defer func() { <-sem }()
+					m.signBatch(ctx, client, epoch, batch)
+				})
 			}
+			wg.Wait()
 			continue
 		}
 		m.markReady()
@@ -121,6 +135,7 @@ func (m *Manager) signBatch(ctx context.Context, client agentv1.AgentClient, epo
 	if err != nil {
 		if ctx.Err() == nil {
 			m.failJobs(jobs, fmt.Errorf("requesting %d X509-SVIDs: %w", len(jobs), err))
+			m.authError(err)
 		}
 		return
 	}

@@ -56,6 +56,7 @@ func (m *Manager) syncLoop(ctx context.Context) {
 		if replaced {
 			continue
 		}
+		m.authError(err)
 		wait := m.backoff(failures)
 		m.log.Warn("sync stream with the server ended; reconnecting", "error", err, "retry_in", wait)
 		if !sleep(ctx, wait, m.reopen) {
@@ -98,11 +99,14 @@ func (m *Manager) apply(ctx context.Context, resp *agentv1.SyncResponse) error {
 		bundle = b
 	}
 	incoming := make([]*entry, 0, len(resp.Upserted))
+	var unusable []string
 	for _, pe := range resp.Upserted {
 		e, err := m.entryFromProto(pe)
 		if err != nil {
-			// One bad entry must not cost the others their SVIDs.
+			// One bad entry must not cost the others their SVIDs; an
+			// older, valid version of it is dropped all the same.
 			m.log.Error("ignoring invalid entry from the server", "entry", pe.GetId(), "error", err)
+			unusable = append(unusable, pe.GetId())
 			continue
 		}
 		incoming = append(incoming, e)
@@ -127,7 +131,7 @@ func (m *Manager) apply(ctx context.Context, resp *agentv1.SyncResponse) error {
 			}
 		}
 	}
-	for _, id := range resp.DeletedIds {
+	for _, id := range slices.Concat(resp.DeletedIds, unusable) {
 		if _, ok := m.entries[id]; ok {
 			delete(m.entries, id)
 			dropped = append(dropped, id)
