@@ -916,3 +916,57 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestKeyReplacedUnderneath: when a key's object disappears, the signer
+// finds it again by ID and label, and refuses a different key put there.
+func TestKeyReplacedUnderneath(t *testing.T) {
+	ctx := context.Background()
+	h, _ := openToken(t, WithReloginInterval(0))
+	d := sha256.Sum256([]byte("x"))
+
+	gone := generate(t, h, ECP256, "gone")
+	if err := h.DestroyKey(ctx, gone.Ref()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := gone.Sign(nil, d[:], crypto.SHA256); !errors.Is(err, ErrKeyNotFound) {
+		t.Errorf("Sign with a destroyed key: %v, want ErrKeyNotFound", err)
+	}
+
+	k := generate(t, h, ECP256, "swapped")
+	ref := k.Ref()
+	if err := h.DestroyKey(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	// Another key under the same CKA_ID and CKA_LABEL.
+	mech, pubT, privT, err := keyTemplates(ECP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, ref.ID),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, ref.Label),
+	} {
+		pubT, privT = append(pubT, a), append(privT, a)
+	}
+	if err := h.do(ctx, func(s *session) error {
+		_, _, err := h.mod.ctx.GenerateKeyPair(s.h, mech, pubT, privT)
+		return p11err("C_GenerateKeyPair", err)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = k.Sign(nil, d[:], crypto.SHA256)
+	if err == nil || !strings.Contains(err.Error(), "different key") {
+		t.Errorf("Sign after the key was swapped: %v, want a refusal", err)
+	}
+}
+
+func TestModuleInfo(t *testing.T) {
+	in, err := testModule(t).Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(in.Manufacturer, "SoftHSM") || in.Version == "" {
+		t.Errorf("Info() = %+v", in)
+	}
+}
