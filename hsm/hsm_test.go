@@ -970,3 +970,77 @@ func TestModuleInfo(t *testing.T) {
 		t.Errorf("Info() = %+v", in)
 	}
 }
+
+func TestParseKeyType(t *testing.T) {
+	tests := []struct {
+		in   string
+		want KeyType
+		err  bool
+	}{
+		{"EC-P256", ECP256, false}, {"p384", ECP384, false}, {"ec_p256", ECP256, false},
+		{"RSA-2048", RSA2048, false}, {"rsa3072", RSA3072, false}, {"RSA_4096", RSA4096, false},
+		{"ed25519", 0, true}, {"", 0, true}, {"rsa1024", 0, true},
+	}
+	for _, tc := range tests {
+		got, err := ParseKeyType(tc.in)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("ParseKeyType(%q) = %v, %v", tc.in, got, err)
+		}
+		if !tc.err {
+			if back, err := ParseKeyType(got.String()); err != nil || back != got {
+				t.Errorf("ParseKeyType(%q.String()) = %v, %v", got, back, err)
+			}
+		}
+	}
+	if s := KeyType(42).String(); s != "KeyType(42)" {
+		t.Errorf("unknown KeyType String() = %q", s)
+	}
+}
+
+func TestParseRSAPublicKey(t *testing.T) {
+	priv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := priv.N.Bytes()
+	tests := []struct {
+		name    string
+		mod, e  []byte
+		wantErr string
+	}{
+		{name: "ok", mod: n, e: []byte{1, 0, 1}},
+		{name: "short modulus", mod: n[:128], e: []byte{1, 0, 1}, wantErr: "modulus of 1024 bits"},
+		{name: "even exponent", mod: n, e: []byte{4}, wantErr: "exponent"},
+		{name: "exponent 1", mod: n, e: []byte{1}, wantErr: "exponent"},
+		{name: "huge exponent", mod: n, e: bytes.Repeat([]byte{0xff}, 9), wantErr: "exponent"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pub, err := parseRSAPublicKey(tc.mod, tc.e)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error = %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || !pub.Equal(&priv.PublicKey) {
+				t.Fatalf("parseRSAPublicKey = %v, %v", pub, err)
+			}
+		})
+	}
+}
+
+func TestModuleCloseRefusedWhileOpen(t *testing.T) {
+	m := testModule(t)
+	h, tok := openToken(t)
+	if m.Path() != softHSM.ModulePath() || h.Module() != m {
+		t.Errorf("Path() = %q, Module() = %p", m.Path(), h.Module())
+	}
+	if err := m.Close(); err == nil || !strings.Contains(err.Error(), "still open") {
+		t.Fatalf("Module.Close with an open token: %v", err)
+	}
+	u, err := ParseURI(h.URI())
+	if err != nil || u.Token != tok.Label || u.ModulePath != m.Path() || u.HasPINValue() {
+		t.Errorf("HSM.URI() = %q, %v", h.URI(), err)
+	}
+}
