@@ -1044,3 +1044,30 @@ func TestModuleCloseRefusedWhileOpen(t *testing.T) {
 		t.Errorf("HSM.URI() = %q, %v", h.URI(), err)
 	}
 }
+
+// TestTokenDeleted: the token vanishes under a live signer (SoftHSM: sign
+// gives CKR_OBJECT_HANDLE_INVALID, C_GetTokenInfo CKR_GENERAL_ERROR). The
+// signer recovers as far as it can and reports the token as gone.
+func TestTokenDeleted(t *testing.T) {
+	ctx := context.Background()
+	m := testModule(t)
+	tok := simtest.SoftHSMToken(t, softHSM) // not recycled: it is deleted
+	h, err := m.Open(ctx, tok.URI, WithReloginInterval(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	k := generate(t, h, ECP256, "orphan")
+	if err := softHSM.DeleteToken(ctx, tok.Label); err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("x"))
+	_, err = k.Sign(nil, d[:], crypto.SHA256)
+	if err == nil {
+		t.Fatal("Sign on a deleted token succeeded")
+	}
+	if !errors.Is(err, ErrTokenNotFound) && !errors.Is(err, ErrKeyNotFound) {
+		t.Errorf("Sign on a deleted token: %v, want the token or key reported missing", err)
+	}
+	t.Logf("error: %v", err)
+}
