@@ -69,8 +69,9 @@ type session struct {
 // Open loads the module named by the URI's module-path, finds the token by
 // label (token=) or serial, logs in once with the URI's PIN (or WithPIN) and
 // returns the token with its session pool. The returned HSM owns the module
-// and finalises it on Close; to open several tokens of one module in a
-// process use LoadModule and Module.Open.
+// and finalises it on Close (or, if other tokens were opened through
+// h.Module(), when the last of them is closed); to open several tokens of one
+// module in a process use LoadModule and Module.Open.
 func Open(ctx context.Context, uri string, opts ...Option) (*HSM, error) {
 	u, err := ParseURI(uri)
 	if err != nil {
@@ -132,8 +133,7 @@ func (m *Module) OpenURI(ctx context.Context, u *URI, opts ...Option) (*HSM, err
 	h.uri.pinValue = ""
 	h.uri.ModulePath = m.path
 	if err := h.open(); err != nil {
-		m.release()
-		return nil, err
+		return nil, errors.Join(err, m.release())
 	}
 	h.log.Info("opened PKCS#11 token", "token", tokenName(u), "module", m.path, "sessions", h.size)
 	return h, nil
@@ -401,8 +401,8 @@ func (h *HSM) Stats() PoolStats {
 
 // Close waits for operations in flight, closes every session (without
 // logging out: that would log out other users of the token in this process)
-// and, if the HSM was made by Open, finalises the module. Operations after
-// Close fail with ErrClosed.
+// and, if the HSM was made by Open, finalises the module once no other token
+// opened through it is open. Operations after Close fail with ErrClosed.
 func (h *HSM) Close() error {
 	h.closeOnce.Do(func() {
 		close(h.closed)
@@ -422,9 +422,9 @@ func (h *HSM) Close() error {
 			h.anchorOpen = false
 		}
 		h.recMu.Unlock()
-		h.mod.release()
+		h.closeErr = h.mod.release()
 		if h.ownsModule {
-			h.closeErr = h.mod.Close()
+			h.closeErr = h.mod.closeWhenUnused()
 		}
 	})
 	return h.closeErr

@@ -1071,3 +1071,71 @@ func TestTokenDeleted(t *testing.T) {
 	}
 	t.Logf("error: %v", err)
 }
+
+// helperEnv makes the test binary run TestOpenOwnsModuleHelper for real: a
+// module is initialised once per process, so Open's ownership of the module
+// is tested in a child process that has not loaded it.
+const helperEnv = "IRONROOT_HSM_OPEN_HELPER"
+
+func TestOpenOwnsModule(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestOpenOwnsModuleHelper$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), helperEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("helper process: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "--- PASS: TestOpenOwnsModuleHelper") {
+		t.Fatalf("helper did not run:\n%s", out)
+	}
+}
+
+// TestOpenOwnsModuleHelper does nothing unless run by TestOpenOwnsModule.
+func TestOpenOwnsModuleHelper(t *testing.T) {
+	if os.Getenv(helperEnv) != "1" {
+		return
+	}
+	ctx := context.Background()
+	tok1, err := softHSM.TakeToken()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok2, err := softHSM.TakeToken()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1, err := Open(ctx, tok1.URI)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	if _, err := Open(ctx, tok2.URI); !errors.Is(err, ErrModuleInUse) {
+		t.Errorf("second Open of the module: %v, want ErrModuleInUse", err)
+	}
+	h2, err := h1.Module().Open(ctx, tok2.URI)
+	if err != nil {
+		t.Fatalf("Module().Open: %v", err)
+	}
+	k := generate(t, h2, ECP256, "shared")
+	if err := h1.Close(); err != nil {
+		t.Fatalf("closing the owner: %v", err)
+	}
+	d := sha256.Sum256([]byte("x"))
+	if _, err := k.Sign(nil, d[:], crypto.SHA256); err != nil {
+		t.Fatalf("token opened through the owner's module stopped working: %v", err)
+	}
+	if err := h2.Close(); err != nil {
+		t.Fatalf("closing the last token: %v", err)
+	}
+	// The module was finalised with the last token: it loads again.
+	h3, err := Open(ctx, tok2.URI)
+	if err != nil {
+		t.Fatalf("Open after the module was finalised: %v", err)
+	}
+	if _, err := h3.FindKey(ctx, KeyRef{Label: "shared"}); err != nil {
+		t.Errorf("key after reload: %v", err)
+	}
+	if err := h3.Close(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -23,9 +23,10 @@ type Module struct {
 	path string
 	ctx  *pkcs11.Ctx
 
-	mu     sync.Mutex
-	open   int // HSMs opened through this module and not yet closed
-	closed bool
+	mu      sync.Mutex
+	open    int  // HSMs opened through this module and not yet closed
+	pending bool // close once the last HSM is closed (see closeWhenUnused)
+	closed  bool
 }
 
 // LoadModule loads the PKCS#11 module at the absolute path and initialises it
@@ -111,10 +112,29 @@ func (m *Module) acquire() error {
 	return nil
 }
 
-func (m *Module) release() {
+// release uncounts an HSM; the last one finalises the module if its owner
+// asked for that.
+func (m *Module) release() error {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.open--
-	m.mu.Unlock()
+	if m.open == 0 && m.pending {
+		return m.closeLocked()
+	}
+	return nil
+}
+
+// closeWhenUnused finalises the module now if no HSM uses it, else when the
+// last one is closed. An HSM made by Open calls it on Close, so tokens other
+// code opened through h.Module() keep working until they are closed too.
+func (m *Module) closeWhenUnused() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.open > 0 {
+		m.pending = true
+		return nil
+	}
+	return m.closeLocked()
 }
 
 // reinitialize runs C_Initialize again after the module reported
@@ -136,6 +156,13 @@ func (m *Module) Close() error {
 	}
 	if m.open > 0 {
 		return fmt.Errorf("closing PKCS#11 module %s: %d token(s) still open", m.path, m.open)
+	}
+	return m.closeLocked()
+}
+
+func (m *Module) closeLocked() error {
+	if m.closed {
+		return nil
 	}
 	m.closed = true
 	err := m.ctx.Finalize()
