@@ -221,6 +221,26 @@ func TestHalfLifeRotation(t *testing.T) {
 	}
 }
 
+func TestExpiredSVIDIsDropped(t *testing.T) {
+	e := workloadEntry("e-a", "/a", 1, "unix:uid:1000")
+	e.X509SvidTtl = 2
+	h := start(t, Config{}, e)
+	sub := subscribe(t, h.m, "unix:uid:1000")
+	waitSnap(t, sub, "/a", hasIDs("/a"))
+	// The server stops renewing (as for a banned agent): the workload loses
+	// the SVID when it expires, not later.
+	h.fake.mu.Lock()
+	h.fake.refuse["e-a"] = true
+	h.fake.mu.Unlock()
+	snap := waitSnap(t, sub, "no SVIDs", hasIDs())
+	if snap.Bundle == nil {
+		t.Error("bundle dropped with the SVID")
+	}
+	if st := h.m.State(); st.SVIDs != 0 || st.Entries != 1 || !strings.Contains(st.LastError, "refused") {
+		t.Errorf("State() = %+v", st)
+	}
+}
+
 func TestRotationTime(t *testing.T) {
 	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	na := nb.Add(100 * time.Minute)

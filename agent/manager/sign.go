@@ -98,11 +98,13 @@ func (m *Manager) due() (due []job, client agentv1.AgentClient, epoch uint64, ne
 			expired = true
 			m.log.Warn("X509-SVID expired before it could be renewed", "entry", e.id, "spiffe_id", e.spiffeID.String())
 		}
+		if e.certs != nil {
+			consider(e.expiresAt) // to drop it then if renewal keeps failing
+		}
 		needs := e.certs == nil || e.resign || e.signedRevision != e.revision || !now.Before(e.rotateAt)
 		switch {
 		case !needs:
 			consider(e.rotateAt)
-			consider(e.expiresAt)
 		case now.Before(e.retryAt):
 			consider(e.retryAt)
 		default:
