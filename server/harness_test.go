@@ -55,8 +55,9 @@ type env struct {
 	stop  func()
 }
 
-// newEnv starts a server on a fresh token and data directory.
-func newEnv(t testing.TB) *env {
+// newEnv starts a server on a fresh token and data directory; opts adjust
+// the configuration first.
+func newEnv(t testing.TB, opts ...func(*config.Config)) *env {
 	t.Helper()
 	tok := simtest.SoftHSMToken(t, softHSM)
 	dir := t.TempDir()
@@ -84,6 +85,9 @@ func newEnv(t testing.TB) *env {
 		HSM:                tok.URI,
 		NodeAttestation:    config.TPMPolicy{EKRootDir: ekRootDir(t, dir), PCRs: []int{0, 1, 2, 3, 4, 5, 6, 7}},
 		AttestRatePerIP:    1,
+	}
+	for _, o := range opts {
+		o(cfg)
 	}
 	e := &env{t: t, cfg: cfg, token: tok}
 	if err := e.start(); err != nil {

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
+	"github.com/ironroot/ironroot/server/config"
 	"github.com/ironroot/ironroot/server/store"
 )
 
@@ -410,5 +411,37 @@ func TestSyncForeignSVID(t *testing.T) {
 	}
 	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "not an agent ID") {
 		t.Errorf("Sync with a workload SVID: %v, want PermissionDenied (not an agent ID)", err)
+	}
+}
+
+// TestSyncBundleRotationAndExpiry runs the CA with a 3 s lifetime: the
+// prepared CA (published at half-life) is pushed down the open stream as a
+// bundle update, and when the agent SVID (clamped to the CA's lifetime)
+// expires the stream ends, Unauthenticated.
+func TestSyncBundleRotationAndExpiry(t *testing.T) {
+	e := newEnv(t, func(c *config.Config) { c.CATTL = 3 * time.Second })
+	a := e.newAgent()
+	st := e.openSync(e.dial(a.svid))
+	first := st.next(t)
+	if first.Bundle == nil || len(first.Bundle.X509Authorities) != 1 {
+		t.Fatalf("first bundle = %v, want one CA", first.Bundle)
+	}
+	var update *agentv1.SyncResponse
+	for update == nil {
+		m, ok := <-st.msgs
+		if !ok {
+			t.Fatalf("stream ended before a bundle update: %v", <-st.err)
+		}
+		if m.Bundle != nil {
+			update = m
+		}
+	}
+	if update.Full || update.Bundle.SequenceNumber <= first.Bundle.SequenceNumber || len(update.Bundle.X509Authorities) < 2 {
+		t.Errorf("bundle update: full=%t sequence %d (was %d), %d CAs; want a newer bundle holding the prepared CA too",
+			update.Full, update.Bundle.SequenceNumber, first.Bundle.SequenceNumber, len(update.Bundle.X509Authorities))
+	}
+	err := st.end(t)
+	if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "expired") {
+		t.Errorf("stream ended with %v, want Unauthenticated at SVID expiry", err)
 	}
 }
