@@ -57,8 +57,9 @@ func akTemplate() tpm2.TPMTPublic {
 	}
 }
 
-// AK is an attestation key: a restricted ECDSA P-256 signing key under the
-// SRK, certified at creation by TPM2_CertifyCreation.
+// AK is an attestation key: a restricted ECDSA P-256 signing key under an
+// endorsement-hierarchy primary (so its quotes carry unobfuscated reset and
+// restart counts), certified at creation by TPM2_CertifyCreation.
 type AK struct {
 	tpm    *TPM
 	obj    object
@@ -71,20 +72,20 @@ type AK struct {
 func (t *TPM) NewAK(ctx context.Context) (*AK, error) {
 	ak := &AK{tpm: t}
 	err := t.do(ctx, func() error {
-		srk, err := t.loadSRK()
+		parent, err := t.loadPrimary(&t.ekParent)
 		if err != nil {
 			return err
 		}
-		defer t.flush(srk.Handle)
+		defer t.flush(parent.Handle)
 		created, err := tpm2.Create{
-			ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+			ParentHandle: tpm2.AuthHandle{Handle: parent.Handle, Name: parent.Name, Auth: tpm2.PasswordAuth(nil)},
 			InPublic:     tpm2.New2B(akTemplate()),
 		}.Execute(t.conn)
 		if err != nil {
 			return fmt.Errorf("creating AK: %w", err)
 		}
 		loaded, err := tpm2.Load{
-			ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+			ParentHandle: tpm2.AuthHandle{Handle: parent.Handle, Name: parent.Name, Auth: tpm2.PasswordAuth(nil)},
 			InPrivate:    created.OutPrivate,
 			InPublic:     created.OutPublic,
 		}.Execute(t.conn)
@@ -113,7 +114,7 @@ func (t *TPM) NewAK(ctx context.Context) (*AK, error) {
 		if ak.pub, err = tpm2.Pub(*pubArea); err != nil {
 			return fmt.Errorf("decoding AK public key: %w", err)
 		}
-		ak.obj = object{public: created.OutPublic, private: created.OutPrivate, name: loaded.Name, saved: &saved.Context}
+		ak.obj = object{parent: &t.ekParent, public: created.OutPublic, private: created.OutPrivate, name: loaded.Name, saved: &saved.Context}
 		ak.params = AttestationKey{
 			Public:            created.OutPublic.Bytes(),
 			CreateData:        created.CreationData.Bytes(),

@@ -1,6 +1,7 @@
 package tpm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/sha256"
@@ -164,17 +165,33 @@ func (t *TPM) createEK(tmpl *tpm2.TPMTPublic) (tpm2.NamedHandle, []byte, error) 
 	return tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, rsp.OutPublic.Bytes(), nil
 }
 
+// ErrForeignEK is returned by AK.ActivateCredential for an EK that is not
+// one of this TPM's (not what EndorsementKeys returns).
+var ErrForeignEK = errors.New("the EK is not this TPM's")
+
 // ekHandle makes the EK usable for one operation; the returned function
-// releases it (flushes a template-created EK).
+// releases it (flushes a template-created EK). It refuses an EK whose public
+// area differs from the TPM's own at that handle or from that template: a
+// credential activated against a foreign EK can only fail, and swtpm was seen
+// to enter failure mode on it.
 func (t *TPM) ekHandle(ek EK) (tpm2.NamedHandle, *tpm2.TPMTPublic, func(), error) {
 	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](ek.PublicArea)
 	if err != nil {
 		return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("decoding EK public area: %w", err)
 	}
 	if ek.Handle != 0 {
+		if !isEKHandle(ek.Handle) {
+			return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("0x%08x is not an EK handle: %w", ek.Handle, ErrForeignEK)
+		}
 		rp, err := tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(ek.Handle)}.Execute(t.conn)
 		if err != nil {
+			if isHandleMissing(err) {
+				return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("no EK at 0x%08x: %w", ek.Handle, ErrForeignEK)
+			}
 			return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("reading EK at 0x%08x: %w", ek.Handle, err)
+		}
+		if !bytes.Equal(rp.OutPublic.Bytes(), ek.PublicArea) {
+			return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("EK at 0x%08x differs: %w", ek.Handle, ErrForeignEK)
 		}
 		return tpm2.NamedHandle{Handle: tpm2.TPMHandle(ek.Handle), Name: rp.Name}, pub, func() {}, nil
 	}
@@ -182,11 +199,26 @@ func (t *TPM) ekHandle(ek EK) (tpm2.NamedHandle, *tpm2.TPMTPublic, func(), error
 	if tmpl == nil {
 		return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("%s EK has no persistent handle and no default template", ek.Algorithm)
 	}
-	h, _, err := t.createEK(tmpl)
+	h, area, err := t.createEK(tmpl)
 	if err != nil {
 		return tpm2.NamedHandle{}, nil, nil, err
 	}
+	if !bytes.Equal(area, ek.PublicArea) {
+		t.flush(h.Handle)
+		return tpm2.NamedHandle{}, nil, nil, fmt.Errorf("%s EK from the TCG template differs: %w", ek.Algorithm, ErrForeignEK)
+	}
 	return h, pub, func() { t.flush(h.Handle) }, nil
+}
+
+// isEKHandle reports whether h is a persistent handle EndorsementKeys
+// returns; nothing else is used as an EK.
+func isEKHandle(h uint32) bool {
+	for _, s := range ekSlots() {
+		if s.handle == h {
+			return true
+		}
+	}
+	return false
 }
 
 func newEK(alg string, publicArea []byte) (EK, error) {

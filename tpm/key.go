@@ -50,7 +50,7 @@ type Key struct {
 	closed bool // guarded by tpm.mu
 }
 
-// NewKey creates a signing key under the SRK and has ak certify it
+// NewKey creates a signing key under the owner-hierarchy SRK and has ak certify it
 // (TPM2_Certify) with qualifyingData (the server's nonce, 1–64 bytes) in the
 // attestation, so the server knows the key is this TPM's and fresh.
 func (t *TPM) NewKey(ctx context.Context, ak *AK, qualifyingData []byte) (*Key, CertifiedKey, error) {
@@ -66,7 +66,7 @@ func (t *TPM) NewKey(ctx context.Context, ak *AK, qualifyingData []byte) (*Key, 
 		if ak.closed {
 			return errAKClosed
 		}
-		srk, err := t.loadSRK()
+		srk, err := t.loadPrimary(&t.srk)
 		if err != nil {
 			return fmt.Errorf("creating key: %w", err)
 		}
@@ -79,7 +79,7 @@ func (t *TPM) NewKey(ctx context.Context, ak *AK, qualifyingData []byte) (*Key, 
 			return fmt.Errorf("creating key: %w", err)
 		}
 		// Free the SRK's slot before loading the AK: three slots in all.
-		k.obj = object{public: created.OutPublic, private: created.OutPrivate}
+		k.obj = object{parent: &t.srk, public: created.OutPublic, private: created.OutPrivate}
 		t.flush(srk.Handle)
 		kh, err := t.load(&k.obj)
 		if err != nil {
@@ -229,7 +229,7 @@ func (t *TPM) LoadKey(ctx context.Context, blob []byte) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading key: %w", err)
 	}
-	k := &Key{tpm: t, obj: object{public: pub, private: priv}}
+	k := &Key{tpm: t, obj: object{parent: &t.srk, public: pub, private: priv}}
 	if k.pub, err = ecdsaPublic(&k.obj.public); err != nil {
 		return nil, fmt.Errorf("loading key: %w", err)
 	}

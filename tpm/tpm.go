@@ -6,12 +6,20 @@
 //
 // Object policy: swtpm and /dev/tpm0 have no resource manager and only three
 // transient object slots, so nothing stays loaded between calls. Every
-// object (SRK, AK, Key) is kept as a saved context (TPM2_ContextSave) and
+// object (parent primaries, AK, Key) is kept as a saved context (TPM2_ContextSave) and
 // loaded for the duration of one operation, then flushed. When a saved
 // context no longer loads (the TPM was reset), the object is reloaded from
-// its TPM-wrapped blob under a re-created SRK. The SRK is the standard ECC
-// P-256 SRK template in the owner hierarchy with an empty owner password; it
-// is never made persistent.
+// its TPM-wrapped blob under its re-created parent.
+//
+// Parents: the AK lives under a primary made from the standard ECC P-256 SRK
+// template in the endorsement hierarchy (as go-attestation does), because a
+// TPM obfuscates resetCount and restartCount in everything signed by a key
+// outside the endorsement and platform hierarchies (TPM 2.0 Part 1,
+// "Obfuscation"); under this parent the quotes carry the real counters the
+// verifier compares across attestations. Keys (NewKey) live under the same
+// template in the owner (storage) hierarchy, the usual home of application
+// keys: their blobs survive as long as the storage seed does. Both primaries
+// use empty hierarchy passwords and are never made persistent.
 package tpm
 
 import (
@@ -39,9 +47,18 @@ type TPM struct {
 	mu     sync.Mutex
 	conn   conn
 	closed bool
-	// srk is the saved context of the SRK, nil until first needed.
-	srk     *tpm2.TPMSContext
-	srkName tpm2.TPM2BName
+	// srk (owner hierarchy) parents keys, ekParent (endorsement
+	// hierarchy) parents AKs.
+	srk      primary
+	ekParent primary
+}
+
+// primary is a primary key that objects are created under, kept as a saved
+// context once created.
+type primary struct {
+	hierarchy tpm2.TPMHandle
+	saved     *tpm2.TPMSContext
+	name      tpm2.TPM2BName
 }
 
 type config struct {
@@ -83,7 +100,12 @@ func Open(ctx context.Context, address string, opts ...Option) (*TPM, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &TPM{address: address, log: cfg.logger}
+	t := &TPM{
+		address:  address,
+		log:      cfg.logger,
+		srk:      primary{hierarchy: tpm2.TPMRHOwner},
+		ekParent: primary{hierarchy: tpm2.TPMRHEndorsement},
+	}
 	if t.log == nil {
 		t.log = slog.New(slog.DiscardHandler)
 	}
@@ -145,37 +167,49 @@ func (t *TPM) flush(h tpm2.TPMHandle) {
 	}
 }
 
-// loadSRK loads the SRK from its saved context, or creates it. The caller
-// flushes the returned handle.
-func (t *TPM) loadSRK() (tpm2.NamedHandle, error) {
-	if t.srk != nil {
-		rsp, err := tpm2.ContextLoad{Context: *t.srk}.Execute(t.conn)
+// loadPrimary loads a parent from its saved context, or creates it from the
+// ECC SRK template in its hierarchy (deterministic: the same key every time
+// for the same seed). The caller flushes the returned handle.
+func (t *TPM) loadPrimary(p *primary) (tpm2.NamedHandle, error) {
+	if p.saved != nil {
+		rsp, err := tpm2.ContextLoad{Context: *p.saved}.Execute(t.conn)
 		if err == nil {
-			return tpm2.NamedHandle{Handle: rsp.LoadedHandle, Name: t.srkName}, nil
+			return tpm2.NamedHandle{Handle: rsp.LoadedHandle, Name: p.name}, nil
 		}
-		t.log.Debug("saved SRK context did not load, re-creating the SRK", "error", err)
-		t.srk = nil
+		t.log.Debug("saved parent context did not load, re-creating the parent", "hierarchy", hierarchyName(p.hierarchy), "error", err)
+		p.saved = nil
 	}
 	rsp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		PrimaryHandle: tpm2.AuthHandle{Handle: p.hierarchy, Auth: tpm2.PasswordAuth(nil)},
 		InPublic:      tpm2.New2B(tpm2.ECCSRKTemplate),
 	}.Execute(t.conn)
 	if err != nil {
-		return tpm2.NamedHandle{}, fmt.Errorf("creating SRK: %w", err)
+		return tpm2.NamedHandle{}, fmt.Errorf("creating the %s-hierarchy parent key: %w", hierarchyName(p.hierarchy), err)
 	}
 	h := tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}
 	saved, err := tpm2.ContextSave{SaveHandle: rsp.ObjectHandle}.Execute(t.conn)
 	if err != nil {
 		t.flush(h.Handle)
-		return tpm2.NamedHandle{}, fmt.Errorf("saving SRK context: %w", err)
+		return tpm2.NamedHandle{}, fmt.Errorf("saving the %s-hierarchy parent context: %w", hierarchyName(p.hierarchy), err)
 	}
-	t.srk, t.srkName = &saved.Context, rsp.Name
+	p.saved, p.name = &saved.Context, rsp.Name
 	return h, nil
 }
 
-// object is a TPM key under the SRK: its wrapped blob and, once loaded, its
-// saved context.
+func hierarchyName(h tpm2.TPMHandle) string {
+	switch h {
+	case tpm2.TPMRHOwner:
+		return "owner"
+	case tpm2.TPMRHEndorsement:
+		return "endorsement"
+	}
+	return fmt.Sprintf("0x%08x", uint32(h))
+}
+
+// object is a TPM key under a primary: its wrapped blob and, once loaded,
+// its saved context.
 type object struct {
+	parent  *primary
 	public  tpm2.TPM2BPublic
 	private tpm2.TPM2BPrivate
 	name    tpm2.TPM2BName
@@ -193,18 +227,18 @@ func (t *TPM) load(o *object) (tpm2.NamedHandle, error) {
 		t.log.Debug("saved context did not load, reloading from the wrapped blob", "error", err)
 		o.saved = nil
 	}
-	srk, err := t.loadSRK()
+	parent, err := t.loadPrimary(o.parent)
 	if err != nil {
 		return tpm2.NamedHandle{}, err
 	}
 	rsp, err := tpm2.Load{
-		ParentHandle: tpm2.AuthHandle{Handle: srk.Handle, Name: srk.Name, Auth: tpm2.PasswordAuth(nil)},
+		ParentHandle: tpm2.AuthHandle{Handle: parent.Handle, Name: parent.Name, Auth: tpm2.PasswordAuth(nil)},
 		InPrivate:    o.private,
 		InPublic:     o.public,
 	}.Execute(t.conn)
-	t.flush(srk.Handle)
+	t.flush(parent.Handle)
 	if err != nil {
-		return tpm2.NamedHandle{}, fmt.Errorf("loading key under the SRK: %w", err)
+		return tpm2.NamedHandle{}, fmt.Errorf("loading key under its %s-hierarchy parent: %w", hierarchyName(o.parent.hierarchy), err)
 	}
 	h := tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}
 	if len(o.name.Buffer) == 0 {

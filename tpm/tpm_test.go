@@ -6,6 +6,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/x509"
@@ -891,6 +892,109 @@ func TestP256EK(t *testing.T) {
 	proof, err := ak.ActivateCredential(ctx, ek, challenge(t, ek, ak.AttestationParameters().Public, secret))
 	if err != nil || !bytes.Equal(proof.Secret, secret) {
 		t.Fatalf("ActivateCredential with a P-256 EK: %v", err)
+	}
+	assertNoTransients(t, tp)
+}
+
+// foreignRSAEK is the public area of an RSA EK of no TPM here: the TCG
+// template with another modulus.
+func foreignRSAEK(t testing.TB) []byte {
+	t.Helper()
+	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	area := tpm2.RSAEKTemplate
+	area.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: k.N.Bytes()})
+	return tpm2.Marshal(area)
+}
+
+// An EK that is not this TPM's is refused before any TPM command uses it,
+// and the TPM keeps working (swtpm entered failure mode when asked to
+// activate for a foreign EK).
+func TestActivateCredentialForeignEK(t *testing.T) {
+	ctx := context.Background()
+	_, tp := startAndOpen(t)
+	eks := eksByAlg(t, tp)
+	rsaEK, p384 := eks[AlgRSA2048], eks[AlgP384]
+	foreign := foreignRSAEK(t)
+	tests := []struct {
+		name string
+		ek   EK
+	}{
+		{"foreign EK at the RSA EK handle", EK{Algorithm: AlgRSA2048, PublicArea: foreign, Handle: ekHandleRSA2048}},
+		{"foreign EK from the template", EK{Algorithm: AlgRSA2048, PublicArea: foreign}},
+		{"P-384 EK at the RSA EK handle", EK{Algorithm: AlgRSA2048, PublicArea: p384.PublicArea, Handle: ekHandleRSA2048}},
+		{"not an EK handle", EK{Algorithm: AlgRSA2048, PublicArea: rsaEK.PublicArea, Handle: 0x81000001}},
+		{"empty EK handle", EK{Algorithm: AlgP256, PublicArea: rsaEK.PublicArea, Handle: ekHandleP256}},
+	}
+	ak := newAK(t, tp)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// The challenge is real, made for the EK given.
+			ch := challenge(t, tt.ek, ak.AttestationParameters().Public, nonce(t))
+			if _, err := ak.ActivateCredential(ctx, tt.ek, ch); !errors.Is(err, ErrForeignEK) {
+				t.Fatalf("ActivateCredential: %v, want ErrForeignEK", err)
+			}
+		})
+	}
+	// The TPM still answers and activates for its own EKs.
+	for _, ek := range []EK{rsaEK, p384} {
+		secret := nonce(t)
+		proof, err := ak.ActivateCredential(ctx, ek, challenge(t, ek, ak.AttestationParameters().Public, secret))
+		if err != nil || !bytes.Equal(proof.Secret, secret) {
+			t.Fatalf("ActivateCredential with the TPM's own %s EK after refusals: %v", ek.Algorithm, err)
+		}
+	}
+	assertNoTransients(t, tp)
+}
+
+// The AK's parent is an endorsement-hierarchy primary, so quotes carry the
+// TPM's real resetCount and restartCount (not obfuscated per key): two AKs
+// see the same counters, and a reboot moves resetCount by one.
+func TestAKCountersNotObfuscated(t *testing.T) {
+	ctx := context.Background()
+	sw, tp := startAndOpen(t)
+	clock := func(ak *AK) tpm2.TPMSClockInfo {
+		t.Helper()
+		q, _, err := ak.Quote(ctx, nonce(t), PCRSelection{})
+		if err != nil {
+			t.Fatalf("Quote: %v", err)
+		}
+		a, err := tpm2.Unmarshal[tpm2.TPMSAttest](q.Attest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a.ClockInfo
+	}
+	ak1, ak2 := newAK(t, tp), newAK(t, tp)
+
+	// Creation data: the parent's qualified name is H(TPM_RH_ENDORSEMENT ||
+	// parent name), i.e. a primary of the endorsement hierarchy.
+	cd, err := tpm2.Unmarshal[tpm2.TPMSCreationData](ak1.AttestationParameters().CreateData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	h.Write([]byte{0x40, 0x00, 0x00, 0x0b}) // TPM_RH_ENDORSEMENT
+	h.Write(cd.ParentName.Buffer)
+	if want := append([]byte{0x00, 0x0b}, h.Sum(nil)...); !bytes.Equal(cd.ParentQualifiedName.Buffer, want) {
+		t.Fatalf("AK parent qualified name %x, want %x (endorsement hierarchy)", cd.ParentQualifiedName.Buffer, want)
+	}
+
+	c1, c2 := clock(ak1), clock(ak2)
+	if c1.ResetCount != c2.ResetCount || c1.RestartCount != c2.RestartCount {
+		t.Fatalf("two AKs in one boot see counters %+v and %+v: obfuscated", c1, c2)
+	}
+	if err := sw.Reboot(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c3 := clock(ak1) // the AK reloads from its blob after the reset
+	if c3.ResetCount != c1.ResetCount+1 || c3.RestartCount != 0 {
+		t.Fatalf("after one reboot counters are %+v, before %+v: want resetCount+1, restartCount 0", c3, c1)
+	}
+	if c4 := clock(ak2); c4.ResetCount != c3.ResetCount {
+		t.Fatalf("after reboot the AKs disagree: %+v and %+v", c3, c4)
 	}
 	assertNoTransients(t, tp)
 }

@@ -13,12 +13,20 @@ import (
 	"github.com/google/go-tpm/tpm2/transport/linuxudstpm"
 
 	"github.com/ironroot/ironroot/simulator"
+	"github.com/ironroot/ironroot/simulator/simtest"
 	"github.com/ironroot/ironroot/tpm"
 )
 
+// TestSWTPMClock checks the clock rules on real swtpm evidence. The agent's
+// AK lives under an endorsement-hierarchy parent, so its quotes carry the
+// TPM's real resetCount and restartCount and the verifier compares them.
 func TestSWTPMClock(t *testing.T) {
 	ctx := context.Background()
-	sw := suite.Start(t)
+	state := simtest.Clone(t, suite.State)
+	// snapshot is the same TPM as state before any reboot: restoring it
+	// later is what rolling a VM's TPM state back looks like.
+	snapshot := simtest.Clone(t, state)
+	sw := simtest.StartTPM(t, state)
 	n := openNode(t, sw)
 	v := suiteVerifier(t, nil)
 	attest := func(n *node, prev *ClockInfo) (*Result, error) {
@@ -30,21 +38,17 @@ func TestSWTPMClock(t *testing.T) {
 	if err != nil {
 		t.Fatalf("first attestation: %v", err)
 	}
+	if first.Clock.Obfuscated {
+		t.Fatalf("the agent's AK is not in the endorsement hierarchy: counters obfuscated (%+v)", first.Clock)
+	}
 	second, err := attest(n, &first.Clock)
 	if err != nil {
 		t.Fatalf("second attestation, same boot: %v", err)
 	}
-	if second.Clock.Clock <= first.Clock.Clock {
-		t.Fatalf("clock did not advance within a boot: %+v then %+v", first.Clock, second.Clock)
-	}
-	// The verifier must know whether the counters are real: real ones do not
-	// move within a boot, obfuscated ones differ per AK (each run makes one).
-	sameCounters := second.Clock.ResetCount == first.Clock.ResetCount && second.Clock.RestartCount == first.Clock.RestartCount
-	if first.Clock.Obfuscated == sameCounters {
-		t.Fatalf("obfuscation detected %v, but counters %+v then %+v", first.Clock.Obfuscated, first.Clock, second.Clock)
-	}
-	if first.Clock.Obfuscated {
-		t.Logf("the agent's AK is outside the endorsement hierarchy: resetCount/restartCount are obfuscated, only Clock is compared")
+	// Real counters: a new AK per attestation, the same counters in one boot.
+	if second.Clock.Clock <= first.Clock.Clock || second.Clock.ResetCount != first.Clock.ResetCount ||
+		second.Clock.RestartCount != first.Clock.RestartCount || second.Clock.Obfuscated {
+		t.Fatalf("within a boot: %+v then %+v, want the same counters and the clock moving", first.Clock, second.Clock)
 	}
 
 	tests := []struct {
@@ -52,18 +56,8 @@ func TestSWTPMClock(t *testing.T) {
 		prev func(ClockInfo) ClockInfo
 	}{
 		{"clock ahead in the same boot", func(c ClockInfo) ClockInfo { c.Clock += 1 << 40; return c }},
-	}
-	if !first.Clock.Obfuscated {
-		tests = append(tests,
-			struct {
-				name string
-				prev func(ClockInfo) ClockInfo
-			}{"resetCount ahead", func(c ClockInfo) ClockInfo { c.ResetCount++; return c }},
-			struct {
-				name string
-				prev func(ClockInfo) ClockInfo
-			}{"restartCount ahead", func(c ClockInfo) ClockInfo { c.RestartCount++; return c }},
-		)
+		{"resetCount ahead", func(c ClockInfo) ClockInfo { c.ResetCount++; return c }},
+		{"restartCount ahead", func(c ClockInfo) ClockInfo { c.RestartCount++; return c }},
 	}
 	for _, tt := range tests {
 		prev := tt.prev(second.Clock)
@@ -72,7 +66,7 @@ func TestSWTPMClock(t *testing.T) {
 		}
 	}
 
-	// A clean reboot (resetCount up, clock keeps counting): accepted.
+	// A clean reboot: resetCount moves forward by one, accepted.
 	if err := sw.Reboot(ctx); err != nil {
 		t.Fatalf("Reboot: %v", err)
 	}
@@ -81,11 +75,25 @@ func TestSWTPMClock(t *testing.T) {
 	if err != nil {
 		t.Fatalf("after a clean reboot: %v", err)
 	}
-	if !third.Clock.Obfuscated && third.Clock.ResetCount <= second.Clock.ResetCount {
-		t.Fatalf("resetCount did not move: %+v then %+v", second.Clock, third.Clock)
+	if third.Clock.ResetCount != second.Clock.ResetCount+1 || third.Clock.RestartCount != 0 {
+		t.Fatalf("reboot: counters %+v then %+v, want resetCount+1 and restartCount 0", second.Clock, third.Clock)
 	}
 
+	// The TPM state rolled back to before the reboot (same TPM, same EK):
+	// its real evidence has a lower resetCount than the stored one.
+	sw.Stop()
+	restored := simtest.StartTPM(t, snapshot)
+	back, err := attest(openNode(t, restored), &third.Clock)
+	if !errors.Is(err, ErrClock) || back != nil {
+		t.Fatalf("rolled-back TPM state: %v, want ErrClock", err)
+	}
+	if !strings.Contains(err.Error(), "resetCount went back") {
+		t.Fatalf("rolled-back TPM state refused for another reason: %v", err)
+	}
+	restored.Stop()
+
 	// A power cut leaves the clock unsafe: refused.
+	sw = simtest.StartTPM(t, state)
 	if err := sw.PowerLoss(ctx); err != nil {
 		t.Fatalf("PowerLoss: %v", err)
 	}
