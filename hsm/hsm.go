@@ -50,6 +50,9 @@ type HSM struct {
 
 	inUse      atomic.Int64
 	recoveries atomic.Uint64
+	// pinFailed is set with pinErr: the token refused the PIN, so every
+	// operation fails at once instead of running without a login.
+	pinFailed atomic.Bool
 }
 
 // tokenState is what sessions are opened against. gen changes on every
@@ -233,6 +236,7 @@ func (h *HSM) openAnchor(slot uint) error {
 			if classify(err) == classPIN {
 				// Remember it: a wrong PIN is never tried again.
 				h.pinErr = perr
+				h.pinFailed.Store(true)
 			}
 			return fmt.Errorf("logging in to PKCS#11 token %s: %w", tokenName(&h.uri), perr)
 		}
@@ -311,6 +315,12 @@ func (h *HSM) release(s *session, drop bool) {
 // a recoverable way, the session is dropped, the token recovered and fn run
 // once more on a fresh session.
 func (h *HSM) do(ctx context.Context, fn func(*session) error) error {
+	if h.pinFailed.Load() {
+		h.recMu.Lock()
+		err := h.pinErr
+		h.recMu.Unlock()
+		return fmt.Errorf("not using PKCS#11 token %s: it refused the PIN earlier: %w", tokenName(&h.uri), err)
+	}
 	for attempt := 0; ; attempt++ {
 		s, err := h.acquire(ctx)
 		if s == nil {

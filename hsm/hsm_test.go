@@ -1139,3 +1139,50 @@ func TestOpenOwnsModuleHelper(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestRecoveryNeverRetriesPIN: if the PIN stops working (changed
+// elsewhere), the recovery's login fails once and is never tried again.
+func TestRecoveryNeverRetriesPIN(t *testing.T) {
+	ctx := context.Background()
+	m := testModule(t)
+	tok := simtest.SoftHSMToken(t, softHSM) // not recycled: its PIN changes
+	h, err := m.Open(ctx, tok.URI, WithReloginInterval(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	k := generate(t, h, ECP256, "pinned")
+	if err := h.do(ctx, func(s *session) error {
+		return p11err("C_SetPIN", h.mod.ctx.SetPIN(s.h, tok.PIN, "changed-elsewhere-77"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Kill the sessions (and with them the login) between operations.
+	for range h.size {
+		h.slots <- struct{}{}
+	}
+	err = h.mod.ctx.CloseAllSessions(h.state.Load().slot)
+	for range h.size {
+		<-h.slots
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("x"))
+	_, err = k.Sign(nil, d[:], crypto.SHA256)
+	if !errors.Is(err, ErrPIN) || !strings.Contains(err.Error(), "CKR_PIN_INCORRECT") {
+		t.Fatalf("Sign after the PIN changed: %v, want ErrPIN", err)
+	}
+	_, err = k.Sign(nil, d[:], crypto.SHA256)
+	if !errors.Is(err, ErrPIN) || !strings.Contains(err.Error(), "refused the PIN earlier") {
+		t.Errorf("second Sign: %v, want the earlier PIN refusal without a new login", err)
+	}
+	for _, pin := range []string{tok.PIN, "changed-elsewhere-77"} {
+		if strings.Contains(err.Error(), pin) {
+			t.Errorf("error reveals a PIN: %v", err)
+		}
+	}
+	if r := h.Stats().Recoveries; r != 1 {
+		t.Errorf("recoveries = %d, want 1", r)
+	}
+}
