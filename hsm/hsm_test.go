@@ -12,7 +12,7 @@ import (
 	"crypto/rsa"
 	_ "crypto/sha1" // SHA-1 digests for the refusal test
 	"crypto/sha256"
-	_ "crypto/sha512" // SHA-384/512 digests
+	"crypto/sha512"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
@@ -1184,5 +1184,35 @@ func TestRecoveryNeverRetriesPIN(t *testing.T) {
 	}
 	if r := h.Stats().Recoveries; r != 1 {
 		t.Errorf("recoveries = %d, want 1", r)
+	}
+}
+
+func TestGenerateRSALarge(t *testing.T) {
+	h, _ := openToken(t)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		kt   KeyType
+		bits int
+	}{{RSA3072, 3072}, {RSA4096, 4096}} {
+		t.Run(tc.kt.String(), func(t *testing.T) {
+			k := generate(t, h, tc.kt, tc.kt.String())
+			pub := k.Public().(*rsa.PublicKey)
+			if pub.N.BitLen() != tc.bits {
+				t.Errorf("modulus %d bits, want %d", pub.N.BitLen(), tc.bits)
+			}
+			a, err := k.Attributes(ctx)
+			if err != nil || a.HardwareBound() != nil {
+				t.Errorf("attributes %+v, %v", a, err)
+			}
+			d := sha512.Sum512([]byte("large"))
+			opts := &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: crypto.SHA512}
+			sig, err := k.Sign(nil, d[:], opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := rsa.VerifyPSS(pub, crypto.SHA512, d[:], sig, opts); err != nil {
+				t.Errorf("PSS signature does not verify: %v", err)
+			}
+		})
 	}
 }
