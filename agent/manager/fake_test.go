@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,6 +50,7 @@ type fakeServer struct {
 	ttl     time.Duration // default X509-SVID TTL
 	refuse  map[string]bool
 	denyAll bool
+	split   bool // send the full set as two messages, as the server does for large sets
 
 	syncCalls, batchCalls, csrs, jwtCalls atomic.Int64
 }
@@ -146,10 +148,22 @@ func (f *fakeServer) Sync(_ *agentv1.SyncRequest, stream grpc.ServerStreamingSer
 		return status.Error(codes.PermissionDenied, "agent is banned")
 	}
 	full := &agentv1.SyncResponse{Full: true, Bundle: f.bundleLocked()}
-	for _, e := range f.entries {
-		full.Upserted = append(full.Upserted, e)
+	ids := make([]string, 0, len(f.entries))
+	for id := range f.entries {
+		ids = append(ids, id)
 	}
-	ch <- full
+	slices.Sort(ids)
+	for _, id := range ids {
+		full.Upserted = append(full.Upserted, f.entries[id])
+	}
+	if f.split && len(full.Upserted) > 1 {
+		rest := &agentv1.SyncResponse{Upserted: full.Upserted[1:]}
+		full.Upserted = full.Upserted[:1]
+		ch <- full
+		ch <- rest
+	} else {
+		ch <- full
+	}
 	f.streams[ch] = struct{}{}
 	f.mu.Unlock()
 	defer func() {

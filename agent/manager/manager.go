@@ -140,6 +140,9 @@ type Manager struct {
 	syncedOnce   bool
 	ready        chan struct{}
 	readyOnce    bool
+	splitHint    int             // see defaultSplitHint; tests lower it
+	stale        map[string]bool // entries a possibly partial full set lacked
+	staleUntil   time.Time
 }
 
 // entry is one registration entry and its cached SVID.
@@ -225,6 +228,8 @@ func New(cfg Config) (*Manager, error) {
 		subs:     make(map[*subscriber]struct{}),
 		synced:   make(chan struct{}),
 		ready:    make(chan struct{}),
+
+		splitHint: defaultSplitHint,
 	}, nil
 }
 
@@ -271,6 +276,7 @@ func (m *Manager) Invalidate(reason string) {
 	m.invalid = reason
 	m.epoch++
 	clear(m.entries)
+	m.stale = nil
 	m.sorted = nil
 	m.connected = false
 	if m.streamCancel != nil {

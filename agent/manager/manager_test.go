@@ -356,6 +356,38 @@ func TestReconnectAndResync(t *testing.T) {
 	waitState(t, h.m, "connected", func(st State) bool { return st.Connected && st.LastError == "" })
 }
 
+func TestSplitFullSyncKeepsSVIDs(t *testing.T) {
+	h := start(t, Config{}, workloadEntry("e-a", "/a", 1, "unix:uid:1000"), workloadEntry("e-b", "/b", 1, "unix:uid:1000"), workloadEntry("e-c", "/c", 1, "unix:uid:1000"))
+	h.m.mu.Lock()
+	h.m.splitHint = 1 // every full message may continue
+	h.m.mu.Unlock()
+	sub := subscribe(t, h.m, "unix:uid:1000")
+	snap := waitSnap(t, sub, "/a /b /c", hasIDs("/a", "/b", "/c"))
+	serialB := serial(snap, "/b")
+
+	// Reconnect: the full set arrives as {a} then {b}; c was deleted
+	// meanwhile. b must never disappear or be re-signed; c goes after the
+	// grace period.
+	h.fake.mu.Lock()
+	h.fake.split = true
+	delete(h.fake.entries, "e-c")
+	h.fake.mu.Unlock()
+	calls := h.fake.syncCalls.Load()
+	h.fake.breakStreams()
+	waitSnap(t, sub, "/a /b", func(s *workloadapi.Snapshot) bool {
+		if serial(s, "/b") != serialB {
+			t.Fatalf("/b was dropped or re-signed during a split full sync: %s", describeSnap(s))
+		}
+		return hasIDs("/a", "/b")(s)
+	})
+	if h.fake.syncCalls.Load() == calls {
+		t.Error("no reconnect happened")
+	}
+	if st := h.m.State(); st.Entries != 2 {
+		t.Errorf("State().Entries = %d, want 2", st.Entries)
+	}
+}
+
 func TestRefusedCSRIsRetried(t *testing.T) {
 	f := Config{}
 	h := start(t, f, workloadEntry("e-a", "/a", 1, "unix:uid:1000"))
