@@ -21,10 +21,11 @@ const hsmInitTimeout = time.Minute
 
 // hsmInit creates (or reuses) the private SoftHSM configuration in -dir and
 // initialises a token labelled -label in it. The output is two shell
-// assignments, so `eval "$(ironroot-sim hsm init ...)"` sets both:
+// exports, so `eval "$(ironroot-sim hsm init ...)"` sets both for the
+// commands started afterwards:
 //
-//	SOFTHSM2_CONF='/d/softhsm2.conf'
-//	HSM_URI='pkcs11:token=ca?module-path=...&pin-source=file:///d/pins/....pin'
+//	export SOFTHSM2_CONF='/d/softhsm2.conf'
+//	export HSM_URI='pkcs11:token=ca?module-path=...&pin-source=file:///d/pins/....pin'
 //
 // The PIN goes to a 0600 file named by the URI, never to the output.
 func hsmInit(ctx context.Context, out *output, args []string) error {
@@ -51,8 +52,8 @@ func hsmInit(ctx context.Context, out *output, args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out.stdout, "%s=%s\n", simulator.SoftHSMConfEnv, shellQuote(tok.ConfPath))
-	fmt.Fprintf(out.stdout, "HSM_URI=%s\n", shellQuote(tok.URI))
+	fmt.Fprintf(out.stdout, "export %s=%s\n", simulator.SoftHSMConfEnv, shellQuote(tok.ConfPath))
+	fmt.Fprintf(out.stdout, "export HSM_URI=%s\n", shellQuote(tok.URI))
 	return nil
 }
 

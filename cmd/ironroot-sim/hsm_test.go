@@ -21,10 +21,10 @@ func TestHSMInit(t *testing.T) {
 		t.Fatalf("output = %q, want two lines", stdout)
 	}
 	conf := filepath.Join(dir, "softhsm2.conf")
-	if want := "SOFTHSM2_CONF='" + conf + "'"; lines[0] != want {
+	if want := "export SOFTHSM2_CONF='" + conf + "'"; lines[0] != want {
 		t.Errorf("line 1 = %q, want %q", lines[0], want)
 	}
-	uriText, ok := strings.CutPrefix(lines[1], "HSM_URI='")
+	uriText, ok := strings.CutPrefix(lines[1], "export HSM_URI='")
 	if !ok || !strings.HasSuffix(uriText, "'") {
 		t.Fatalf("line 2 = %q", lines[1])
 	}
