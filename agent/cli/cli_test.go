@@ -376,6 +376,7 @@ func TestHealthcheck(t *testing.T) {
 	}{
 		{"healthy", []string{"-socketPath", sock}, 0, "Agent is healthy.", ""},
 		{"verbose", []string{"-socketPath", sock, "-verbose"}, 0, "Checking agent health at unix://" + sock, ""},
+		{"shallow", []string{"-socketPath", sock, "-shallow"}, 0, "Agent is healthy.", ""},
 		{"no agent", []string{"-socketPath", filepath.Join(t.TempDir(), "x.sock")}, 1, "", "agent is unhealthy: Unavailable"},
 		{"bad flag", []string{"-nope"}, 2, "", "flag provided but not defined"},
 	} {

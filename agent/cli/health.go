@@ -17,6 +17,9 @@ func healthCmd(ctx context.Context, c *CLI, args []string) error {
 	var sf socketFlags
 	sf.register(fs)
 	verbose := fs.Bool("verbose", false, "print progress")
+	// Accepted so SPIRE health-check scripts run unchanged; the check is
+	// always the agent's gRPC health service.
+	fs.Bool("shallow", false, "accepted for SPIRE compatibility; has no effect")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
