@@ -181,9 +181,9 @@ func startNode(t testing.TB, s *simtest.Suite) *agentNode {
 }
 
 // open connects to the node's TPM (swtpm serves one connection at a time).
-func (n *agentNode) open() {
+func (n *agentNode) open(opts ...tpm.Option) {
 	n.t.Helper()
-	tp, err := tpm.Open(context.Background(), n.sw.Address())
+	tp, err := tpm.Open(context.Background(), n.sw.Address(), opts...)
 	if err != nil {
 		n.t.Fatalf("opening %s: %v", n.sw.Address(), err)
 	}
@@ -219,9 +219,10 @@ func (n *agentNode) attest(client agentv1.AgentClient) (*attest.Result, error) {
 	return res, err
 }
 
-// extend extends PCR pcr with digest, as a boot component would, over a
-// connection of its own: the agent's TPM connection is closed and reopened.
-func (n *agentNode) extend(pcr int, digest []byte) {
+// extend extends SHA-256 PCRs, as boot components would, over a
+// connection of its own: the agent's TPM connection is closed first and
+// reopened after (with opts).
+func (n *agentNode) extend(events []simulator.LogEvent, opts ...tpm.Option) {
 	n.t.Helper()
 	n.tpm.Close()
 	path, ok := strings.CutPrefix(n.sw.Address(), "unix://")
@@ -232,15 +233,20 @@ func (n *agentNode) extend(pcr int, digest []byte) {
 	if err != nil {
 		n.t.Fatalf("opening %s: %v", path, err)
 	}
-	_, err = tpm2.PCRExtend{
-		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
-		Digests:   tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: digest}}},
-	}.Execute(tr)
+	for _, e := range events {
+		_, err = tpm2.PCRExtend{
+			PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(e.PCR), Auth: tpm2.PasswordAuth(nil)},
+			Digests:   tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{{HashAlg: tpm2.TPMAlgSHA256, Digest: e.Digest}}},
+		}.Execute(tr)
+		if err != nil {
+			break
+		}
+	}
 	tr.Close()
 	if err != nil {
-		n.t.Fatalf("PCR_Extend(%d): %v", pcr, err)
+		n.t.Fatalf("PCR_Extend: %v", err)
 	}
-	n.open()
+	n.open(opts...)
 }
 
 // tamperClient runs the agent's client through hooks that change what it

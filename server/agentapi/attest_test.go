@@ -37,6 +37,7 @@ import (
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
 	"github.com/ironroot/ironroot/server/config"
 	"github.com/ironroot/ironroot/server/store"
+	"github.com/ironroot/ironroot/simulator"
 	"github.com/ironroot/ironroot/simulator/simtest"
 	"github.com/ironroot/ironroot/tpm"
 	"github.com/ironroot/ironroot/tpm/verifier"
@@ -185,6 +186,46 @@ func TestAttestAllowListOnly(t *testing.T) {
 	}
 	if len(node.Selectors) != 9 {
 		t.Fatalf("selectors %v, want ek_hash and 8 PCRs", node.Selectors)
+	}
+}
+
+// TestAttestEventLog attests a node that booted with UEFI Secure Boot and
+// sends its measured-boot log: the server replays it against the quote and
+// records the Secure Boot state as a selector.
+func TestAttestEventLog(t *testing.T) {
+	e := newServer(t, nil)
+	for _, secureBoot := range []bool{true, false} {
+		t.Run(fmt.Sprintf("secure boot %v", secureBoot), func(t *testing.T) {
+			l, err := simulator.UEFIBootLog(simulator.BootOptions{SecureBoot: secureBoot})
+			if err != nil {
+				t.Fatal(err)
+			}
+			logPath := filepath.Join(t.TempDir(), "binary_bios_measurements")
+			if err := os.WriteFile(logPath, l.Bytes(), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			n := startNode(t, suite)
+			// Every node is a clone of the suite's TPM, so the same agent:
+			// evict it between boots, or its stored clock (from a later
+			// point of the same TPM's life) refuses this one as a rollback.
+			t.Cleanup(func() { e.srv.Store().DeleteNode(context.Background(), n.agentID()) })
+			n.extend(l.Extends(), tpm.WithEventLogPath(logPath))
+			res, err := n.attest(e.dial())
+			if err != nil {
+				t.Fatalf("attesting: %v", err)
+			}
+			want := map[bool]string{true: "enabled", false: "disabled"}[secureBoot]
+			if !slices.Contains(res.Selectors, "tpm:secure_boot:"+want) {
+				t.Fatalf("selectors %v lack tpm:secure_boot:%s", res.Selectors, want)
+			}
+			var ev agentapi.NodeEvidence
+			if err := json.Unmarshal(e.node(res.ID.String()).Evidence, &ev); err != nil || ev.SecureBoot != want {
+				t.Fatalf("evidence secure_boot %q (%v), want %s", ev.SecureBoot, err, want)
+			}
+			if pcr7 := hex.EncodeToString(l.PCRs()[7]); ev.PCRs["7"] != pcr7 {
+				t.Fatalf("PCR 7 %s, the log replays to %s", ev.PCRs["7"], pcr7)
+			}
+		})
 	}
 }
 
@@ -376,7 +417,7 @@ func TestAttestReattestation(t *testing.T) {
 
 	// A boot component measured into PCR 4: the next quote carries it.
 	measurement := sha256.Sum256([]byte("a new boot loader"))
-	n.extend(4, measurement[:])
+	n.extend([]simulator.LogEvent{{PCR: 4, Digest: measurement[:]}})
 	second, err := n.attest(client)
 	if err != nil {
 		t.Fatalf("re-attestation: %v", err)
