@@ -3,6 +3,7 @@ package ca
 import (
 	"context"
 	"crypto/elliptic"
+	"crypto/x509"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/ironroot/ironroot/hsm"
 	"github.com/ironroot/ironroot/server/store"
@@ -276,5 +279,58 @@ func TestManagerRefusesMissingOrWrongKey(t *testing.T) {
 				t.Fatalf("got %v, want error containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestManagerUnderUpstreamCA(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	// The operator's CA key lives on a PKCS#11 token too.
+	upKey, err := f.hsm.GenerateKey(ctx, hsm.ECP384, "operator-root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	upCert, err := NewCACertificate(CAParams{TrustDomain: td, Signer: upKey, NotBefore: f.clock.Now(), TTL: 48 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.config(time.Hour)
+	cfg.Upstream = &Upstream{Chain: []*x509.Certificate{upCert}, Signer: upKey}
+	m, err := NewManager(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert := m.ActiveCA()
+	if err := caCert.CheckSignatureFrom(upCert); err != nil {
+		t.Fatalf("the CA is not an intermediate under the upstream CA: %v", err)
+	}
+	b := m.Bundle()
+	if len(b.X509Authorities) != 1 || !b.X509Authorities[0].Equal(upCert) {
+		t.Fatal("the bundle should hold the upstream root only")
+	}
+	wl := mustECKey(t, elliptic.P256())
+	id := spiffeid.RequireFromString("spiffe://example.org/w")
+	chain, err := m.SignX509SVID(SVIDParams{ID: id, PublicKey: wl.Public(), NotBefore: f.clock.Now(), TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 || !chain[1].Equal(caCert) {
+		t.Fatalf("SVID chain should be leaf + intermediate CA, got %d certificates", len(chain))
+	}
+	got, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(td, b.X509Authorities))
+	if err != nil || got != id {
+		t.Fatalf("x509svid.Verify through the upstream root: %v %v", got, err)
+	}
+	// An upstream certificate whose key is not the given signer is refused.
+	other, err := f.hsm.GenerateKey(ctx, hsm.ECP256, "operator-other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg2 := f.config(time.Hour)
+	cfg2.Store = openStore(t, t.TempDir())
+	cfg2.Upstream = &Upstream{Chain: []*x509.Certificate{upCert}, Signer: other}
+	if _, err := NewManager(ctx, cfg2); err == nil || !strings.Contains(err.Error(), "does not match") {
+		t.Fatalf("mismatched upstream key: %v", err)
 	}
 }
