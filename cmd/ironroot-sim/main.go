@@ -2,6 +2,7 @@
 // tests and demo use, for people and scripts: software TPMs (swtpm with EK
 // certificates from a private CA) and SoftHSM2 tokens.
 //
+//	ironroot-sim demo [-dir .demo] [-trustDomain example.org]
 //	ironroot-sim tpm manufacture -dir D [-ca CADIR]
 //	ironroot-sim tpm serve -dir D [-socket PATH | -tcp 127.0.0.1:PORT]
 //	ironroot-sim help
@@ -36,10 +37,10 @@ type output struct {
 }
 
 // registry holds the subcommands. Each file of this package adds its own in
-// init() with register, so groups (tpm, hsm) stay independent.
+// init() with register, so groups (tpm, hsm, demo) stay independent.
 var registry = map[string]command{}
 
-// register adds a subcommand named "<group> <verb>".
+// register adds a subcommand named "<group> <verb>" or a single word.
 func register(name string, c command) {
 	if _, dup := registry[name]; dup {
 		panic("ironroot-sim: duplicate command " + name) // programming error, at init
@@ -66,19 +67,23 @@ func run(ctx context.Context, args []string, out *output) int {
 		}
 		return 0
 	}
-	if len(args) < 2 {
-		fmt.Fprintf(out.stderr, "ironroot-sim: %q needs a subcommand\n", args[0])
-		usage(out.stderr)
-		return 2
-	}
-	name := args[0] + " " + args[1]
+	// A command is one word ("demo") or "<group> <verb>".
+	name, rest := args[0], args[1:]
 	c, ok := registry[name]
 	if !ok {
-		fmt.Fprintf(out.stderr, "ironroot-sim: unknown command %q\n", name)
-		usage(out.stderr)
-		return 2
+		if len(args) < 2 {
+			fmt.Fprintf(out.stderr, "ironroot-sim: %q needs a subcommand\n", args[0])
+			usage(out.stderr)
+			return 2
+		}
+		name, rest = args[0]+" "+args[1], args[2:]
+		if c, ok = registry[name]; !ok {
+			fmt.Fprintf(out.stderr, "ironroot-sim: unknown command %q\n", name)
+			usage(out.stderr)
+			return 2
+		}
 	}
-	if err := c.run(ctx, out, args[2:]); err != nil {
+	if err := c.run(ctx, out, rest); err != nil {
 		if errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp) {
 			return 2
 		}
@@ -94,7 +99,7 @@ func usage(w io.Writer) {
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	fmt.Fprintln(w, "usage: ironroot-sim <group> <command> [flags]   (ironroot-sim <group> <command> -h for flags)")
+	fmt.Fprintln(w, "usage: ironroot-sim <command> [flags]   (ironroot-sim <command> -h for flags)")
 	fmt.Fprintln(w, "\ncommands:")
 	for _, n := range names {
 		fmt.Fprintf(w, "  %-18s %s\n", n, registry[n].summary)
