@@ -51,6 +51,7 @@ type fakeServer struct {
 	refuse  map[string]bool
 	denyAll bool
 	split   bool // send the full set as two messages, as the server does for large sets
+	denyN   int  // refuse this many more Sync calls
 
 	syncCalls, batchCalls, csrs, jwtCalls atomic.Int64
 }
@@ -143,7 +144,8 @@ func (f *fakeServer) Sync(_ *agentv1.SyncRequest, stream grpc.ServerStreamingSer
 	f.syncCalls.Add(1)
 	ch := make(chan *agentv1.SyncResponse, 1024)
 	f.mu.Lock()
-	if f.denyAll {
+	if f.denyAll || f.denyN > 0 {
+		f.denyN--
 		f.mu.Unlock()
 		return status.Error(codes.PermissionDenied, "agent is banned")
 	}

@@ -81,12 +81,16 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 	// RPCTimeout bounds each signing call (default 30 s).
 	RPCTimeout time.Duration
-	// OnAuthError, if set, is called when the server refuses the agent
-	// itself (PermissionDenied or Unauthenticated on the Sync stream or on
-	// a whole signing call): the node was banned or evicted, or its SVID is
-	// no longer current. The runtime typically re-attests and calls
-	// SetClient, or calls Invalidate if it cannot. It runs on the
-	// manager's goroutines and must not block.
+	// OnAuthError, if set, is called when the server keeps refusing the
+	// agent itself: the Sync stream failed with PermissionDenied or
+	// Unauthenticated twice in a row with the same client (the node was
+	// banned or evicted, or its SVID is no longer current). A single
+	// refusal is not reported: right after a renewal the stream opened
+	// with the previous SVID is refused once before SetClient hands over
+	// the new client, and reporting it would start another re-attestation.
+	// The runtime typically re-attests and calls SetClient, or calls
+	// Invalidate if it cannot. It runs on the manager's goroutine and must
+	// not block.
 	OnAuthError func(error)
 }
 
@@ -126,6 +130,7 @@ type Manager struct {
 
 	mu           sync.Mutex
 	client       agentv1.AgentClient
+	clientGen    uint64 // bumped by SetClient
 	streamCancel context.CancelFunc
 	entries      map[string]*entry
 	sorted       []*entry // workload entries in snapshot order; nil when stale
@@ -252,6 +257,7 @@ func (m *Manager) Run(ctx context.Context) error {
 func (m *Manager) SetClient(c agentv1.AgentClient) {
 	m.mu.Lock()
 	m.client = c
+	m.clientGen++
 	m.invalid = ""
 	for _, e := range m.entries {
 		e.failures, e.retryAt = 0, time.Time{} // the new client deserves a try at once
@@ -511,14 +517,13 @@ func (m *Manager) rotationTime(notBefore, notAfter time.Time) time.Time {
 	return notBefore.Add(half)
 }
 
-// authError reports err to OnAuthError if the server refused the agent.
-func (m *Manager) authError(err error) {
+// isAuthError tells whether the server refused the agent itself.
+func isAuthError(err error) bool {
 	switch status.Code(err) {
 	case codes.PermissionDenied, codes.Unauthenticated:
-		if m.cfg.OnAuthError != nil {
-			m.cfg.OnAuthError(err)
-		}
+		return true
 	}
+	return false
 }
 
 // codeOf converts a wire status code, treating unknown values as Unknown.

@@ -388,6 +388,27 @@ func TestSplitFullSyncKeepsSVIDs(t *testing.T) {
 	}
 }
 
+func TestSingleRefusalIsNotReported(t *testing.T) {
+	reported := make(chan error, 10)
+	h := start(t, Config{OnAuthError: func(err error) { reported <- err }}, workloadEntry("e-a", "/a", 1, "unix:uid:1000"))
+	sub := subscribe(t, h.m, "unix:uid:1000")
+	waitSnap(t, sub, "/a", hasIDs("/a"))
+	// As after a renewal: the old stream is refused once, the next works.
+	h.fake.mu.Lock()
+	h.fake.denyN = 1
+	h.fake.mu.Unlock()
+	calls := h.fake.syncCalls.Load()
+	h.fake.breakStreams()
+	waitState(t, h.m, "reconnected after one refusal", func(st State) bool {
+		return h.fake.syncCalls.Load() >= calls+2 && st.Connected
+	})
+	select {
+	case err := <-reported:
+		t.Errorf("a single refusal was reported: %v", err)
+	default:
+	}
+}
+
 func TestRefusedCSRIsRetried(t *testing.T) {
 	f := Config{}
 	h := start(t, f, workloadEntry("e-a", "/a", 1, "unix:uid:1000"))

@@ -152,8 +152,10 @@ func (m *Manager) signBatch(ctx context.Context, client agentv1.AgentClient, epo
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil {
+			// Not reported to OnAuthError: a refused agent is refused on
+			// Sync too, and a call on a connection that SetClient is just
+			// replacing must not trigger another re-attestation.
 			m.failJobs(jobs, fmt.Errorf("requesting %d X509-SVIDs: %w", len(jobs), err))
-			m.authError(err)
 		}
 		return
 	}

@@ -30,10 +30,11 @@ const (
 
 // syncLoop keeps a Sync stream open, reopening it with backoff.
 func (m *Manager) syncLoop(ctx context.Context) {
-	failures := 0
+	failures, authFailures := 0, 0
+	var authGen uint64
 	for ctx.Err() == nil {
 		m.mu.Lock()
-		client, invalid := m.client, m.invalid
+		client, invalid, gen := m.client, m.invalid, m.clientGen
 		sctx, cancel := context.WithCancel(ctx)
 		m.streamCancel = cancel
 		m.mu.Unlock()
@@ -60,13 +61,20 @@ func (m *Manager) syncLoop(ctx context.Context) {
 		}
 		m.mu.Unlock()
 		if received {
-			failures = 0
+			failures, authFailures = 0, 0
 		}
 		failures++
 		if replaced {
 			continue
 		}
-		m.authError(err)
+		if isAuthError(err) {
+			if authGen != gen {
+				authGen, authFailures = gen, 0
+			}
+			if authFailures++; authFailures == 2 && m.cfg.OnAuthError != nil {
+				m.cfg.OnAuthError(err)
+			}
+		}
 		wait := m.backoff(failures)
 		m.log.Warn("sync stream with the server ended; reconnecting", "error", err, "retry_in", wait)
 		if !sleep(ctx, wait, m.reopen) {
