@@ -15,7 +15,9 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
 	"github.com/ironroot/ironroot/tpm"
@@ -101,7 +103,7 @@ func Attest(ctx context.Context, client agentv1.AgentClient, t *tpm.TPM, opts ..
 	}
 	ekHash, err := ek.Hash()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("hashing the %s endorsement key: %w", ek.Algorithm, err)
 	}
 	ak, err := t.NewAK(ctx)
 	if err != nil {
@@ -116,16 +118,16 @@ func Attest(ctx context.Context, client agentv1.AgentClient, t *tpm.TPM, opts ..
 		return nil, fmt.Errorf("opening attestation stream: %w", err)
 	}
 	step := func(req *agentv1.AttestRequest) (*agentv1.AttestResponse, error) {
-		timer := time.AfterFunc(o.stepTimeout, cancel)
-		defer timer.Stop()
-		if err := stream.Send(req); err != nil {
-			if errors.Is(err, io.EOF) {
-				// The server closed the stream: its status says why.
-				_, err = stream.Recv()
-			}
-			return nil, err
+		timedOut := make(chan struct{})
+		timer := time.AfterFunc(o.stepTimeout, func() { close(timedOut); cancel() })
+		resp, err := sendRecv(stream, req)
+		if !timer.Stop() {
+			// The timer fired: the error is the cancellation it caused, so
+			// say what happened instead.
+			<-timedOut
+			return nil, fmt.Errorf("no answer from the server within %s", o.stepTimeout)
 		}
-		return stream.Recv()
+		return resp, err
 	}
 
 	id := ak.Identity(ek)
@@ -193,29 +195,76 @@ func Attest(ctx context.Context, client agentv1.AgentClient, t *tpm.TPM, opts ..
 	if err != nil {
 		return nil, fmt.Errorf("sending platform evidence: %w", err)
 	}
+	_ = stream.CloseSend()
 	r := resp.GetResult()
 	if r == nil || len(r.SvidChain) == 0 {
 		return nil, errors.New("attestation: the server sent no agent SVID")
 	}
 	res = &Result{Key: key, KeyBlob: key.Marshal(), Bundle: r.Bundle, EKHash: ekHash}
-	for _, der := range r.SvidChain {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("parsing the agent SVID: %w", err)
-		}
-		res.SVID = append(res.SVID, c)
-	}
-	if !publicKeyEqual(res.SVID[0].PublicKey, key.Public()) {
-		return nil, errors.New("attestation: the agent SVID is not for the TPM-resident key")
-	}
-	if res.ID, err = spiffeid.FromString(r.SpiffeId); err != nil {
-		return nil, fmt.Errorf("attestation: server sent agent ID %q: %w", r.SpiffeId, err)
+	if res.SVID, res.ID, err = checkResult(r, key, ekHash); err != nil {
+		return nil, fmt.Errorf("attestation: %w", err)
 	}
 	for _, s := range r.Selectors {
 		res.Selectors = append(res.Selectors, s.Type+":"+s.Value)
 	}
 	o.log.Info("node attested", "spiffe_id", res.ID.String(), "ek_hash", ekHash, "expires", res.SVID[0].NotAfter)
 	return res, nil
+}
+
+// sendRecv is one round trip on the stream.
+func sendRecv(stream agentv1.Agent_AttestClient, req *agentv1.AttestRequest) (*agentv1.AttestResponse, error) {
+	if err := stream.Send(req); err != nil {
+		if errors.Is(err, io.EOF) {
+			// The server closed the stream: its status says why.
+			_, err = stream.Recv()
+		}
+		return nil, err
+	}
+	return stream.Recv()
+}
+
+// checkResult makes sure the agent SVID is what attestation promised: a
+// valid X509-SVID under the bundle the server sent, for the agent ID of
+// this EK in that trust domain, whose key is the TPM-resident key.
+func checkResult(r *agentv1.AttestResult, key *tpm.Key, ekHash string) ([]*x509.Certificate, spiffeid.ID, error) {
+	var chain []*x509.Certificate
+	for _, der := range r.SvidChain {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, spiffeid.ID{}, fmt.Errorf("parsing the agent SVID: %w", err)
+		}
+		chain = append(chain, c)
+	}
+	if r.Bundle == nil || len(r.Bundle.X509Authorities) == 0 {
+		return nil, spiffeid.ID{}, errors.New("the server sent no bundle")
+	}
+	td, err := spiffeid.TrustDomainFromString(r.Bundle.TrustDomain)
+	if err != nil {
+		return nil, spiffeid.ID{}, fmt.Errorf("bundle trust domain %q: %w", r.Bundle.TrustDomain, err)
+	}
+	var authorities []*x509.Certificate
+	for _, der := range r.Bundle.X509Authorities {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, spiffeid.ID{}, fmt.Errorf("parsing a bundle authority: %w", err)
+		}
+		authorities = append(authorities, c)
+	}
+	id, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(td, authorities))
+	if err != nil {
+		return nil, spiffeid.ID{}, fmt.Errorf("the agent SVID does not verify against the bundle: %w", err)
+	}
+	want, err := spiffeid.FromPath(td, "/ironroot/agent/tpm/"+ekHash)
+	if err != nil {
+		return nil, spiffeid.ID{}, err
+	}
+	if id != want || r.SpiffeId != want.String() {
+		return nil, spiffeid.ID{}, fmt.Errorf("the agent SVID is for %s (result says %q), want %s", id, r.SpiffeId, want)
+	}
+	if !publicKeyEqual(chain[0].PublicKey, key.Public()) {
+		return nil, spiffeid.ID{}, errors.New("the agent SVID is not for the TPM-resident key")
+	}
+	return chain, id, nil
 }
 
 func publicKeyEqual(a, b crypto.PublicKey) bool {
