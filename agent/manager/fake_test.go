@@ -48,6 +48,7 @@ type fakeServer struct {
 	entries map[string]*agentv1.Entry
 	streams map[chan *agentv1.SyncResponse]struct{}
 	ttl     time.Duration // default X509-SVID TTL
+	jwtGate chan struct{} // if set, NewJWTSVID waits for it
 	refuse  map[string]bool
 	denyAll bool
 	split   bool // send the full set as two messages, as the server does for large sets
@@ -229,6 +230,12 @@ func (f *fakeServer) BatchNewX509SVID(_ context.Context, req *agentv1.BatchNewX5
 
 func (f *fakeServer) NewJWTSVID(_ context.Context, req *agentv1.NewJWTSVIDRequest) (*agentv1.NewJWTSVIDResponse, error) {
 	f.jwtCalls.Add(1)
+	f.mu.Lock()
+	gate := f.jwtGate
+	f.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
 	f.mu.Lock()
 	e, ok := f.entries[req.EntryId]
 	ttl := 5 * time.Minute

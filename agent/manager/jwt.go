@@ -60,7 +60,7 @@ func (m *Manager) FetchJWTSVIDs(ctx context.Context, selectors []workloadapi.Sel
 			out = append(out, svid)
 			continue
 		}
-		svid, refreshAt, err := m.newJWTSVID(ctx, client, t.entryID, t.spiffeID, audience)
+		svid, err := m.fetchShared(ctx, client, key, t.entryID, t.spiffeID, audience)
 		if err != nil {
 			m.log.Warn("fetching JWT-SVID failed", "entry", t.entryID, "spiffe_id", t.spiffeID.String(), "error", err)
 			if firstErr == nil {
@@ -68,7 +68,6 @@ func (m *Manager) FetchJWTSVIDs(ctx context.Context, selectors []workloadapi.Sel
 			}
 			continue
 		}
-		m.jwt.put(key, t.entryID, svid, refreshAt)
 		svid.Hint = t.hint
 		out = append(out, svid)
 	}
@@ -76,6 +75,34 @@ func (m *Manager) FetchJWTSVIDs(ctx context.Context, selectors []workloadapi.Sel
 		return nil, firstErr
 	}
 	return out, nil
+}
+
+// fetchShared mints a JWT-SVID and caches it. Concurrent misses for the same
+// key (replicas of a workload starting together) share one server call; if
+// that call fails, each caller tries on its own.
+func (m *Manager) fetchShared(ctx context.Context, client agentv1.AgentClient, key, entryID string, id spiffeid.ID, audience []string) (workloadapi.JWTSVID, error) {
+	call, leader := m.jwt.join(key)
+	if !leader {
+		select {
+		case <-call.done:
+			if call.err == nil {
+				return call.svid, nil
+			}
+		case <-ctx.Done():
+			return workloadapi.JWTSVID{}, fmt.Errorf("fetching JWT-SVID for entry %s: %w", entryID, ctx.Err())
+		}
+		svid, refreshAt, err := m.newJWTSVID(ctx, client, entryID, id, audience)
+		if err == nil {
+			m.jwt.put(key, entryID, svid, refreshAt)
+		}
+		return svid, err
+	}
+	svid, refreshAt, err := m.newJWTSVID(ctx, client, entryID, id, audience)
+	if err == nil {
+		m.jwt.put(key, entryID, svid, refreshAt)
+	}
+	m.jwt.finish(key, call, svid, err)
+	return svid, err
 }
 
 func (m *Manager) newJWTSVID(ctx context.Context, client agentv1.AgentClient, entryID string, want spiffeid.ID, audience []string) (workloadapi.JWTSVID, time.Time, error) {
@@ -110,12 +137,43 @@ func audienceKey(aud []string) string {
 	return strings.Join(a, "\x00")
 }
 
-// jwtCache is a bounded LRU of JWT-SVIDs.
+// jwtCache is a bounded LRU of JWT-SVIDs, with the server calls in flight.
 type jwtCache struct {
-	mu    sync.Mutex
-	max   int
-	order *list.List // front is most recently used
-	items map[string]*list.Element
+	mu       sync.Mutex
+	max      int
+	order    *list.List // front is most recently used
+	items    map[string]*list.Element
+	inflight map[string]*jwtCall
+}
+
+// jwtCall is one server call that callers missing the same key wait for.
+type jwtCall struct {
+	done    chan struct{}
+	svid    workloadapi.JWTSVID
+	err     error
+	waiters int // callers that joined (under jwtCache.mu)
+}
+
+// join returns the call in flight for key, or starts one (leader true).
+func (c *jwtCache) join(key string) (call *jwtCall, leader bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if call, ok := c.inflight[key]; ok {
+		call.waiters++
+		return call, false
+	}
+	call = &jwtCall{done: make(chan struct{})}
+	c.inflight[key] = call
+	return call, true
+}
+
+// finish publishes the leader's result to the waiting callers.
+func (c *jwtCache) finish(key string, call *jwtCall, svid workloadapi.JWTSVID, err error) {
+	c.mu.Lock()
+	delete(c.inflight, key)
+	c.mu.Unlock()
+	call.svid, call.err = svid, err
+	close(call.done)
 }
 
 type jwtItem struct {
@@ -126,7 +184,7 @@ type jwtItem struct {
 }
 
 func newJWTCache(n int) *jwtCache {
-	return &jwtCache{max: n, order: list.New(), items: make(map[string]*list.Element)}
+	return &jwtCache{max: n, order: list.New(), items: make(map[string]*list.Element), inflight: make(map[string]*jwtCall)}
 }
 
 func (c *jwtCache) get(key string, now time.Time) (workloadapi.JWTSVID, bool) {

@@ -514,6 +514,56 @@ func TestFetchJWTSVIDsCache(t *testing.T) {
 	}
 }
 
+func TestConcurrentJWTMissesShareOneCall(t *testing.T) {
+	h := start(t, Config{}, workloadEntry("e-a", "/a", 1, "unix:uid:1000"))
+	<-h.m.Ready()
+	gate := make(chan struct{})
+	h.fake.mu.Lock()
+	h.fake.jwtGate = gate
+	h.fake.mu.Unlock()
+	const callers = 8
+	type res struct {
+		tok string
+		err error
+	}
+	results := make(chan res, callers)
+	for range callers {
+		go func() {
+			out, err := h.m.FetchJWTSVIDs(context.Background(), sels("unix:uid:1000"), []string{"db"}, spiffeid.ID{})
+			if err != nil {
+				results <- res{err: err}
+				return
+			}
+			results <- res{tok: out[0].Token}
+		}()
+	}
+	waitState(t, h.m, "every caller waiting on one call", func(State) bool {
+		h.m.jwt.mu.Lock()
+		defer h.m.jwt.mu.Unlock()
+		for _, c := range h.m.jwt.inflight {
+			return c.waiters == callers-1
+		}
+		return false
+	})
+	close(gate)
+	var first string
+	for range callers {
+		r := <-results
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if first == "" {
+			first = r.tok
+		}
+		if r.tok != first {
+			t.Error("callers got different tokens")
+		}
+	}
+	if n := h.fake.jwtCalls.Load(); n != 1 {
+		t.Errorf("%d server calls for %d concurrent misses, want 1", n, callers)
+	}
+}
+
 func TestJWTCacheExpiry(t *testing.T) {
 	c := newJWTCache(10)
 	now := time.Now()
