@@ -92,6 +92,43 @@ func BenchmarkEntryCreate(b *testing.B) {
 	}
 }
 
+// BenchmarkEntryCreateToWorkload measures an entry upserted on the Sync
+// stream until a go-spiffe client watching the Workload API (real server,
+// real unix attestor) receives the update holding its SVID (one SVID
+// already held; the entry is deleted again, untimed, after each round).
+func BenchmarkEntryCreateToWorkload(b *testing.B) {
+	uid := myUID()
+	h := start(b, Config{}, workloadEntry("e-0", "/w/0", 1, uid))
+	<-h.m.Ready()
+	_, w, _ := watchThroughWorkloadAPI(b, h.m)
+	await := func(n int) {
+		deadline := time.NewTimer(time.Minute)
+		defer deadline.Stop()
+		for {
+			select {
+			case c := <-w.updates:
+				if len(c.SVIDs) == n {
+					return
+				}
+			case <-deadline.C:
+				b.Fatalf("the workload never saw %d SVIDs", n)
+			}
+		}
+	}
+	await(1)
+	n := 1
+	for b.Loop() {
+		id := fmt.Sprintf("e-%d", n)
+		h.fake.upsert(workloadEntry(id, fmt.Sprintf("/w/%d", n), 1, uid))
+		n++
+		await(2)
+		b.StopTimer()
+		h.fake.remove(id) // keep the workload's state at one SVID
+		await(1)
+		b.StartTimer()
+	}
+}
+
 // BenchmarkHeap1000SVIDs reports the live heap the cache holds for 1,000
 // SVIDs (keys, parsed chains, one subscriber's snapshot) after GC, as the
 // difference from before the manager started, and the whole test process's

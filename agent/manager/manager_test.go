@@ -31,7 +31,7 @@ type harness struct {
 }
 
 // start runs a manager against a fake server holding entries.
-func start(t *testing.T, cfg Config, entries ...*agentv1.Entry) *harness {
+func start(t testing.TB, cfg Config, entries ...*agentv1.Entry) *harness {
 	t.Helper()
 	f := newFakeServer(t)
 	f.upsert(entries...)

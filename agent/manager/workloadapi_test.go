@@ -23,13 +23,13 @@ type watcher struct{ updates chan *gsw.X509Context }
 func (w watcher) OnX509ContextUpdate(c *gsw.X509Context) { w.updates <- c }
 func (w watcher) OnX509ContextWatchError(error)          {}
 
-// TestThroughWorkloadAPI runs the manager behind the real Workload API
-// server and unix attestor, and a go-spiffe client watching it.
-func TestThroughWorkloadAPI(t *testing.T) {
-	uid := "unix:uid:" + strconv.Itoa(os.Geteuid())
-	h := start(t, Config{}, workloadEntry("e-a", "/a", 1, uid))
-	<-h.m.Ready()
-	srv, err := workloadapi.New(unix.New(unix.WithPathSelectors(h.m.UsesPathSelectors), unix.WithSHA256Selectors(h.m.UsesSHA256Selectors)), h.m)
+func myUID() string { return "unix:uid:" + strconv.Itoa(os.Geteuid()) }
+
+// watchThroughWorkloadAPI serves m on a Workload API socket with the real
+// unix attestor and has a go-spiffe client watch it; all stops at cleanup.
+func watchThroughWorkloadAPI(t testing.TB, m *Manager) (context.Context, watcher, *gsw.Client) {
+	t.Helper()
+	srv, err := workloadapi.New(unix.New(unix.WithPathSelectors(m.UsesPathSelectors), unix.WithSHA256Selectors(m.UsesSHA256Selectors)), m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,6 +43,7 @@ func TestThroughWorkloadAPI(t *testing.T) {
 	go func() { served <- srv.Serve(ctx, lis) }()
 	client, err := gsw.New(ctx, gsw.WithAddr(workloadapi.SocketPathAddress(sock)))
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
 	w := watcher{updates: make(chan *gsw.X509Context, 16)}
@@ -56,6 +57,16 @@ func TestThroughWorkloadAPI(t *testing.T) {
 			t.Errorf("Serve: %v", err)
 		}
 	})
+	return ctx, w, client
+}
+
+// TestThroughWorkloadAPI runs the manager behind the real Workload API
+// server and unix attestor, and a go-spiffe client watching it.
+func TestThroughWorkloadAPI(t *testing.T) {
+	uid := myUID()
+	h := start(t, Config{}, workloadEntry("e-a", "/a", 1, uid))
+	<-h.m.Ready()
+	ctx, w, client := watchThroughWorkloadAPI(t, h.m)
 
 	await := func(want ...string) *gsw.X509Context {
 		t.Helper()
