@@ -60,7 +60,11 @@ func New(cfg Config) (*Service, error) {
 // message, which names what was wrong.
 func storeError(what string, err error) error {
 	var be *store.BatchError
-	msg := fmt.Sprintf("%s: %v", what, err)
+	msg := err.Error()
+	// Store errors already name their operation; do not say it twice.
+	if !strings.HasPrefix(msg, what) {
+		msg = what + ": " + msg
+	}
 	switch {
 	case errors.As(err, &be) && errors.Is(be.Err, store.ErrAlreadyExists):
 		return status.Error(codes.AlreadyExists, msg)

@@ -299,11 +299,26 @@ func TestEntryCommands(t *testing.T) {
 					t.Errorf("stderr %q does not mention %q", errOut, w)
 				}
 			}
+			if stutters(errOut) {
+				t.Errorf("stderr %q says the same thing twice", errOut)
+			}
 		})
 	}
 	if n := len(parseEntries(t, e.mustRun("entry", "show", "-output", "json"))); n != countBefore {
 		t.Errorf("%d entries after the refused commands, want %d: a refusal stored something", n, countBefore)
 	}
+}
+
+// stutters reports an error message with the same context twice in a row
+// ("deleting entry x: deleting entry x: not found").
+func stutters(msg string) bool {
+	parts := strings.Split(strings.TrimSpace(msg), ": ")
+	for i := 1; i < len(parts); i++ {
+		if parts[i] == parts[i-1] {
+			return true
+		}
+	}
+	return false
 }
 
 func bigBatch(n int) string {
