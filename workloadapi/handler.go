@@ -1,8 +1,8 @@
 package workloadapi
 
 import (
-	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -264,7 +264,12 @@ func follow[T proto.Message](s *Server, ctx context.Context, sels []Selector, lo
 		return status.Error(codes.Unavailable, "identity source unavailable")
 	}
 	defer sub.Close()
-	var last []byte
+	// Only a digest of the last response is kept: a workload with many
+	// SVIDs would otherwise pin a megabyte per open stream.
+	var (
+		last    [sha256.Size]byte
+		started bool
+	)
 	for {
 		select {
 		case <-ctx.Done():
@@ -283,10 +288,11 @@ func follow[T proto.Message](s *Server, ctx context.Context, sels []Selector, lo
 				return err
 			}
 			if b, err := (proto.MarshalOptions{Deterministic: true}).Marshal(resp); err == nil {
-				if last != nil && bytes.Equal(b, last) {
+				sum := sha256.Sum256(b)
+				if started && sum == last {
 					continue
 				}
-				last = b
+				last, started = sum, true
 			}
 			if err := send(resp); err != nil {
 				return err
