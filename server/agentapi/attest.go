@@ -102,8 +102,12 @@ func (s *Service) Attest(stream agentv1.Agent_AttestServer) error {
 	res, err := a.run(ctx)
 	if err != nil {
 		st := status.Convert(err)
-		s.log.Info("node attestation refused", "peer", from, "stage", a.stage, "agent_id", a.agentID,
-			"ek_hash", a.ekHash, "code", st.Code().String(), "reason", st.Message())
+		attrs := []any{"peer", from, "stage", a.stage, "agent_id", a.agentID,
+			"ek_hash", a.ekHash, "code", st.Code().String(), "reason", st.Message()}
+		if a.detail != "" {
+			attrs = append(attrs, "detail", a.detail)
+		}
+		s.log.Info("node attestation refused", attrs...)
 		return err
 	}
 	s.log.Info("node attested", "peer", from, "agent_id", res.SpiffeId, "ek_hash", a.ekHash,
@@ -118,6 +122,7 @@ type attestation struct {
 	peer   string
 
 	stage   string
+	detail  string // refusal detail for the log only
 	ekHash  string
 	agentID string
 	serial  string
@@ -350,6 +355,11 @@ func (a *attestation) node(ctx context.Context, id spiffeid.ID) (*store.Node, er
 // secret), malformed structures InvalidArgument.
 func (a *attestation) refusal(streamCtx context.Context, doing string, err error) error {
 	switch {
+	case errors.Is(err, verifier.ErrEKNotAllowed):
+		// The detail may name the server's allow-list file and why it could
+		// not be read: that stays in the server log.
+		a.detail = err.Error()
+		return status.Errorf(codes.PermissionDenied, "%s: %v", doing, verifier.ErrEKNotAllowed)
 	case errors.Is(err, verifier.ErrMalformed):
 		return status.Errorf(codes.InvalidArgument, "%s: %v", doing, err)
 	case isVerifierRefusal(err):

@@ -40,12 +40,13 @@ var (
 )
 
 // TestMain sets up both simulators: swtpm suites (one manufacturing each)
-// and one SoftHSM with a token per server the tests start. A PKCS#11
-// module is initialised once per process, so servers run one at a time.
+// and one SoftHSM with a token for each server the tests and the benchmark
+// start (13 today). A PKCS#11 module is initialised once per process, so
+// servers run one at a time.
 func TestMain(m *testing.M) {
 	suite = simtest.MustSuite()
 	other = simtest.MustSuite()
-	code := simtest.RunWithSoftHSM(m, &softHSM, 12)
+	code := simtest.RunWithSoftHSM(m, &softHSM, 16)
 	suite.Close()
 	other.Close()
 	os.Exit(code)

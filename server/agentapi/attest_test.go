@@ -249,6 +249,11 @@ func TestAttestRefusedPolicy(t *testing.T) {
 		{"PCR policy not met", func() *simtest.Suite { return suite }, func(cfg *config.Config, _, _ string) {
 			cfg.NodeAttestation.RequiredPCRs = map[int][]byte{7: bytes.Repeat([]byte{0x5a}, 32)}
 		}, "PCR value violates policy"},
+		// Fail closed, and the agent is not told the server's file path.
+		{"allow-list unreadable", func() *simtest.Suite { return suite }, func(cfg *config.Config, dir, _ string) {
+			cfg.NodeAttestation.EKHashAllowList = filepath.Join(dir, "secret-allow-list-path")
+			cfg.NodeAttestation.RequireEKCertificate = true
+		}, "EK not on the allow-list"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -260,6 +265,9 @@ func TestAttestRefusedPolicy(t *testing.T) {
 			})
 			_, err := n.attest(e.dial())
 			wantCode(t, err, codes.PermissionDenied, tt.msg)
+			if strings.Contains(err.Error(), "secret-allow-list-path") {
+				t.Fatalf("the refusal names the server's allow-list file: %v", err)
+			}
 			e.wantNoNodes()
 		})
 	}
