@@ -41,7 +41,7 @@ var softHSM *simulator.SoftHSM
 
 // A PKCS#11 module is initialised once per process, so the tests of this
 // package run one server at a time (no t.Parallel) and each takes a token.
-func TestMain(m *testing.M) { os.Exit(simtest.RunWithSoftHSM(m, &softHSM, 12)) }
+func TestMain(m *testing.M) { os.Exit(simtest.RunWithSoftHSM(m, &softHSM, 16)) }
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
 
