@@ -291,7 +291,11 @@ func TestAttest(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			res, err := attest.Attest(ctx, serve(t, s), tp, attest.WithStepTimeout(500*time.Millisecond))
+			step := 30 * time.Second
+			if tt.stall {
+				step = 300 * time.Millisecond
+			}
+			res, err := attest.Attest(ctx, serve(t, s), tp, attest.WithStepTimeout(step))
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("err %v, want %q", err, tt.wantErr)
