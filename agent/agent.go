@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -57,6 +58,10 @@ type Agent struct {
 	conn   *grpc.ClientConn
 
 	reattest chan struct{}
+	// renewing is set while renewLoop re-attests: the server ends the
+	// Sync stream of the previous SVID as soon as it records the new one,
+	// and that refusal must not start another re-attestation.
+	renewing atomic.Bool
 }
 
 // New opens the TPM, loads the trust bundle and resumes the saved identity
@@ -94,7 +99,7 @@ func New(ctx context.Context, cfg *config.Config, logger *slog.Logger) (_ *Agent
 		// A bad saved identity is not fatal: attest afresh.
 		a.log.Warn("not resuming the saved identity", "error", err)
 	} else if chain != nil {
-		if err := a.id.set(chain, key); err != nil {
+		if err := a.id.set(chain, key, time.Time{}); err != nil {
 			return nil, err
 		}
 		a.log.Info("resumed saved agent SVID", "spiffe_id", a.id.current().ID.String(), "expires", chain[0].NotAfter)
@@ -104,6 +109,10 @@ func New(ctx context.Context, cfg *config.Config, logger *slog.Logger) (_ *Agent
 		TrustDomain: cfg.TrustDomain,
 		Logger:      logger.With("component", "cache"),
 		OnAuthError: func(err error) {
+			if a.renewing.Load() {
+				a.log.Debug("sync with the previous agent SVID ended during renewal", "error", err)
+				return
+			}
 			a.log.Warn("the server refused the agent's SVID; re-attesting", "error", err)
 			select {
 			case a.reattest <- struct{}{}:
@@ -249,6 +258,7 @@ func (a *Agent) attestOnce(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	received := time.Now()
 	if res.ID.TrustDomain() != a.cfg.TrustDomain {
 		res.Key.Close()
 		return fmt.Errorf("the server issued %s, outside trust domain %s", res.ID, a.cfg.TrustDomain)
@@ -257,7 +267,7 @@ func (a *Agent) attestOnce(ctx context.Context) error {
 		res.Key.Close()
 		return err
 	}
-	if err := a.id.set(res.SVID, res.Key); err != nil {
+	if err := a.id.set(res.SVID, res.Key, received); err != nil {
 		res.Key.Close()
 		return err
 	}
@@ -313,7 +323,7 @@ func (a *Agent) attestUntilAdmitted(ctx context.Context) error {
 func (a *Agent) renewLoop(ctx context.Context) {
 	wait := minRetry
 	for {
-		at := renewAt(a.id.current().Certificates[0])
+		at := a.id.renewTime()
 		timer := time.NewTimer(time.Until(at))
 		select {
 		case <-ctx.Done():
@@ -323,14 +333,22 @@ func (a *Agent) renewLoop(ctx context.Context) {
 		case <-a.reattest:
 			timer.Stop()
 		}
+		a.renewing.Store(true)
 		err := a.attestOnce(ctx)
 		if err == nil {
 			if err := a.connect(); err != nil {
 				a.log.Error("reconnecting after re-attestation", "error", err)
 			}
+			a.renewing.Store(false)
+			// A refusal signalled while attesting concerned the old SVID.
+			select {
+			case <-a.reattest:
+			default:
+			}
 			wait = minRetry
 			continue
 		}
+		a.renewing.Store(false)
 		if ctx.Err() != nil {
 			return
 		}

@@ -37,6 +37,7 @@ type identity struct {
 	mu     sync.RWMutex
 	svid   *x509svid.SVID
 	key    *tpm.Key
+	renew  time.Time // when svid is due for renewal
 	bundle *x509bundle.Bundle
 }
 
@@ -60,6 +61,13 @@ func (i *identity) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bu
 	return i.bundle, nil
 }
 
+// renewTime is when the current SVID is due for renewal.
+func (i *identity) renewTime() time.Time {
+	i.mu.RLock()
+	defer i.mu.RUnlock()
+	return i.renew
+}
+
 // current returns the SVID (nil before the first attestation).
 func (i *identity) current() *x509svid.SVID {
 	i.mu.RLock()
@@ -69,7 +77,9 @@ func (i *identity) current() *x509svid.SVID {
 
 // set installs a new SVID and key, closing the previous key (its TLS
 // sessions are already established; new handshakes use the new key).
-func (i *identity) set(chain []*x509.Certificate, key *tpm.Key) error {
+// received is when the server issued it to this agent; zero for an SVID
+// resumed from the data directory.
+func (i *identity) set(chain []*x509.Certificate, key *tpm.Key, received time.Time) error {
 	id, err := x509svid.IDFromCert(chain[0])
 	if err != nil {
 		return fmt.Errorf("agent SVID: %w", err)
@@ -78,6 +88,7 @@ func (i *identity) set(chain []*x509.Certificate, key *tpm.Key) error {
 	old := i.key
 	i.svid = &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}
 	i.key = key
+	i.renew = renewAt(chain[0], received)
 	i.mu.Unlock()
 	if old != nil && old != key {
 		old.Close()
@@ -220,8 +231,20 @@ func writeAtomic(path string, data []byte) error {
 }
 
 // renewAt is when an SVID is renewed: at half its lifetime, as SPIRE does.
-func renewAt(cert *x509.Certificate) time.Time {
-	return cert.NotBefore.Add(cert.NotAfter.Sub(cert.NotBefore) / 2)
+// The CA backdates NotBefore (10 s) for clock skew, which puts the
+// midpoint of a short-lived SVID (TTL up to twice the backdate) at or
+// before its issue: renewal would follow renewal without pause. So a fresh
+// SVID is renewed no earlier than halfway from its receipt to NotAfter.
+// received is zero for a resumed SVID, whose receipt is unknown.
+func renewAt(cert *x509.Certificate, received time.Time) time.Time {
+	mid := cert.NotBefore.Add(cert.NotAfter.Sub(cert.NotBefore) / 2)
+	if received.IsZero() {
+		return mid
+	}
+	if half := received.Add(cert.NotAfter.Sub(received) / 2); half.After(mid) {
+		return half
+	}
+	return mid
 }
 
 // resume loads a saved identity if it is still within its lifetime and its

@@ -15,15 +15,24 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/ironroot/ironroot/simulator"
 	"github.com/ironroot/ironroot/simulator/simtest"
 	"github.com/ironroot/ironroot/tpm"
 )
 
-var suite *simtest.Suite
+var (
+	// suite manufactures the TPMs the tests' servers trust.
+	suite *simtest.Suite
+	// softHSM holds the tokens of the in-process servers (agent_test.go).
+	softHSM *simulator.SoftHSM
+)
 
+// TestMain sets up both simulators: an swtpm suite and one SoftHSM with a
+// token per server the tests start. A PKCS#11 module is initialised once
+// per process, so servers run one at a time (no t.Parallel).
 func TestMain(m *testing.M) {
 	suite = simtest.MustSuite()
-	code := m.Run()
+	code := simtest.RunWithSoftHSM(m, &softHSM, 10)
 	suite.Close()
 	os.Exit(code)
 }
@@ -143,9 +152,31 @@ func TestSaveAndResume(t *testing.T) {
 }
 
 func TestRenewAt(t *testing.T) {
-	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	c := &x509.Certificate{NotBefore: nb, NotAfter: nb.Add(time.Hour)}
-	if got := renewAt(c); !got.Equal(nb.Add(30 * time.Minute)) {
-		t.Fatalf("renewAt = %v", got)
+	// Certificates as the server's CA makes them: NotBefore backdated 10 s
+	// before issue.
+	issued := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	cert := func(ttl time.Duration) *x509.Certificate {
+		return &x509.Certificate{NotBefore: issued.Add(-10 * time.Second), NotAfter: issued.Add(ttl)}
+	}
+	cases := []struct {
+		name     string
+		ttl      time.Duration
+		received time.Time
+		want     time.Time
+	}{
+		{"long-lived, fresh", time.Hour, issued, issued.Add(30 * time.Minute)},
+		{"long-lived, resumed", time.Hour, time.Time{}, issued.Add(30*time.Minute - 5*time.Second)},
+		// The midpoint of the backdated validity is 2 s before issue.
+		{"short-lived, fresh", 6 * time.Second, issued, issued.Add(3 * time.Second)},
+		{"short-lived, received late", 6 * time.Second, issued.Add(2 * time.Second), issued.Add(4 * time.Second)},
+		{"short-lived, resumed", 6 * time.Second, time.Time{}, issued.Add(-2 * time.Second)},
+		{"TTL twice the backdate, fresh", 20 * time.Second, issued, issued.Add(10 * time.Second)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := renewAt(cert(tc.ttl), tc.received); !got.Equal(tc.want) {
+				t.Fatalf("renewAt = %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
