@@ -80,3 +80,47 @@ func TestFollowSkipsUnchangedResponses(t *testing.T) {
 		}
 	}
 }
+
+func TestX509ResponseDigest(t *testing.T) {
+	base := func() *workload.X509SVIDResponse {
+		return &workload.X509SVIDResponse{
+			Svids: []*workload.X509SVID{
+				{SpiffeId: "spiffe://example.org/a", X509Svid: []byte{1, 2}, X509SvidKey: []byte{3}, Bundle: []byte{4}, Hint: "h"},
+				{SpiffeId: "spiffe://example.org/b", X509Svid: []byte{5}, X509SvidKey: []byte{6}, Bundle: []byte{4}},
+			},
+			FederatedBundles: map[string][]byte{"spiffe://x.test": {7}, "spiffe://y.test": {8}},
+		}
+	}
+	want, ok := responseDigest(base())
+	if !ok {
+		t.Fatal("no digest")
+	}
+	if again, _ := responseDigest(base()); again != want {
+		t.Fatal("equal responses digest differently")
+	}
+	for _, tc := range []struct {
+		name   string
+		mutate func(r *workload.X509SVIDResponse)
+	}{
+		{"SVID order", func(r *workload.X509SVIDResponse) { r.Svids[0], r.Svids[1] = r.Svids[1], r.Svids[0] }},
+		{"rotated certificate", func(r *workload.X509SVIDResponse) { r.Svids[0].X509Svid = []byte{1, 3} }},
+		{"new key", func(r *workload.X509SVIDResponse) { r.Svids[1].X509SvidKey = []byte{9} }},
+		{"bundle", func(r *workload.X509SVIDResponse) { r.Svids[1].Bundle = []byte{4, 4} }},
+		{"hint", func(r *workload.X509SVIDResponse) { r.Svids[0].Hint = "" }},
+		{"bytes moved between fields", func(r *workload.X509SVIDResponse) {
+			r.Svids[0].X509Svid, r.Svids[0].X509SvidKey = []byte{1}, []byte{2, 3}
+		}},
+		{"SVID removed", func(r *workload.X509SVIDResponse) { r.Svids = r.Svids[:1] }},
+		{"federated bundle changed", func(r *workload.X509SVIDResponse) { r.FederatedBundles["spiffe://y.test"] = []byte{9} }},
+		{"federated bundle removed", func(r *workload.X509SVIDResponse) { delete(r.FederatedBundles, "spiffe://x.test") }},
+		{"CRL added", func(r *workload.X509SVIDResponse) { r.Crl = [][]byte{{1}} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := base()
+			tc.mutate(r)
+			if got, _ := responseDigest(r); got == want {
+				t.Error("a different response has the same digest")
+			}
+		})
+	}
+}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 
@@ -287,8 +289,7 @@ func follow[T proto.Message](s *Server, ctx context.Context, sels []Selector, lo
 			if err != nil {
 				return err
 			}
-			if b, err := (proto.MarshalOptions{Deterministic: true}).Marshal(resp); err == nil {
-				sum := sha256.Sum256(b)
+			if sum, ok := responseDigest(resp); ok {
 				if started && sum == last {
 					continue
 				}
@@ -299,6 +300,51 @@ func follow[T proto.Message](s *Server, ctx context.Context, sels []Selector, lo
 			}
 		}
 	}
+}
+
+// responseDigest identifies a response's content. X509-SVID responses, the
+// large ones (about 1.3 KB per SVID), are hashed field by field rather than
+// marshalled once more just for the comparison; every field, each with its
+// length, goes in, so different responses cannot collide by concatenation.
+func responseDigest(m proto.Message) (sum [sha256.Size]byte, ok bool) {
+	r, isX509 := m.(*workload.X509SVIDResponse)
+	if !isX509 {
+		b, err := (proto.MarshalOptions{Deterministic: true}).Marshal(m)
+		if err != nil {
+			return sum, false
+		}
+		return sha256.Sum256(b), true
+	}
+	h := sha256.New()
+	var n [8]byte
+	count := func(c int) {
+		binary.BigEndian.PutUint64(n[:], uint64(c))
+		h.Write(n[:])
+	}
+	field := func(b []byte) {
+		count(len(b))
+		h.Write(b)
+	}
+	count(len(r.Svids))
+	for _, s := range r.Svids {
+		field([]byte(s.SpiffeId))
+		field(s.X509Svid)
+		field(s.X509SvidKey)
+		field(s.Bundle)
+		field([]byte(s.Hint))
+	}
+	count(len(r.Crl))
+	for _, c := range r.Crl {
+		field(c)
+	}
+	tds := slices.Sorted(maps.Keys(r.FederatedBundles))
+	count(len(tds))
+	for _, td := range tds {
+		field([]byte(td))
+		field(r.FederatedBundles[td])
+	}
+	copy(sum[:], h.Sum(nil))
+	return sum, true
 }
 
 func x509SVIDResponse(snap *Snapshot, log *slog.Logger) (*workload.X509SVIDResponse, error) {
