@@ -328,9 +328,10 @@ func (s *Server) Run(ctx context.Context) error {
 
 func (s *Server) stopServers() {
 	done := make(chan struct{})
+	// Sync streams never end on their own and GracefulStop waits for them:
+	// end them first, and bound the wait for other RPCs.
+	s.agentAPI.Stop()
 	go func() {
-		// Sync streams never end on their own; GracefulStop waits for them,
-		// so bound it.
 		s.agentSrv.GracefulStop()
 		s.adminSrv.GracefulStop()
 		close(done)

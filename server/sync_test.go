@@ -445,3 +445,19 @@ func TestSyncBundleRotationAndExpiry(t *testing.T) {
 		t.Errorf("stream ended with %v, want Unauthenticated at SVID expiry", err)
 	}
 }
+
+// TestShutdownEndsSyncStreams: stopping the server ends open streams with
+// Unavailable (agents reconnect) instead of leaving GracefulStop to wait.
+func TestShutdownEndsSyncStreams(t *testing.T) {
+	e := newEnv(t)
+	a := e.newAgent()
+	st := e.openSync(e.dial(a.svid))
+	if m := st.next(t); !m.Full {
+		t.Fatal("first message is not the full set")
+	}
+	e.shutdown()
+	err := st.end(t)
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "shutting down") {
+		t.Errorf("stream ended with %v, want Unavailable: the server is shutting down", err)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -73,6 +74,10 @@ type Service struct {
 	log      *slog.Logger
 	serverID spiffeid.ID
 	limiter  *ipLimiter
+
+	// stopping is closed by Stop, ending open Sync streams.
+	stopping chan struct{}
+	stopOnce sync.Once
 }
 
 // New checks the configuration and returns the service.
@@ -110,6 +115,7 @@ func New(cfg Config) (*Service, error) {
 		log:      cfg.Logger,
 		serverID: serverID,
 		limiter:  newIPLimiter(cfg.AttestRatePerIP, cfg.Clock),
+		stopping: make(chan struct{}),
 	}, nil
 }
 

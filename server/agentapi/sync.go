@@ -37,6 +37,11 @@ const perItemOverhead = 8
 // when the agent SVID it was opened with expires.
 func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) error {
 	ctx := stream.Context()
+	select {
+	case <-s.stopping:
+		return status.Error(codes.Unavailable, "the server is shutting down")
+	default:
+	}
 	c, err := s.authenticate(ctx)
 	if err != nil {
 		return err
@@ -73,6 +78,8 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 		select {
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
+		case <-s.stopping:
+			return status.Error(codes.Unavailable, "the server is shutting down")
 		case <-expiry.C:
 			return status.Errorf(codes.Unauthenticated, "agent %s: the SVID this stream was opened with has expired", c.id)
 		case <-entriesCh:
@@ -120,6 +127,12 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 		}
 	}
 }
+
+// Stop ends every open Sync stream with Unavailable (agents reconnect,
+// to this server when it is back or to another) and refuses new ones, so
+// that the gRPC server's GracefulStop does not wait on streams that never
+// end by themselves.
+func (s *Service) Stop() { s.stopOnce.Do(func() { close(s.stopping) }) }
 
 // recheckNode re-reads the caller's node record: a ban, an eviction or a
 // re-attestation (new SVID serial) since the stream opened ends it.
