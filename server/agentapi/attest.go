@@ -98,7 +98,7 @@ func (s *Service) Attest(stream agentv1.Agent_AttestServer) error {
 		s.log.Warn("node attestation rate-limited", "peer", from)
 		return status.Error(codes.ResourceExhausted, "too many attestation attempts from this address: retry later")
 	}
-	a := &attestation{s: s, stream: stream, peer: from}
+	a := &attestation{s: s, stream: stream}
 	res, err := a.run(ctx)
 	if err != nil {
 		st := status.Convert(err)
@@ -119,7 +119,6 @@ func (s *Service) Attest(stream agentv1.Agent_AttestServer) error {
 type attestation struct {
 	s      *Service
 	stream agentv1.Agent_AttestServer
-	peer   string
 
 	stage   string
 	detail  string // refusal detail for the log only
