@@ -193,6 +193,9 @@ func (l *logBuffer) String() string {
 // process is a running binary started by start.
 type process struct {
 	name   string
+	bin    string
+	args   []string
+	env    []string
 	cmd    *exec.Cmd
 	stdout *logBuffer
 	stderr *logBuffer
@@ -208,6 +211,9 @@ func start(t testing.TB, name, bin string, args []string, extraEnv ...string) *p
 	t.Helper()
 	p := &process{
 		name:   name,
+		bin:    bin,
+		args:   args,
+		env:    extraEnv,
 		stdout: &logBuffer{max: 1 << 20},
 		stderr: &logBuffer{max: 1 << 20},
 		done:   make(chan struct{}),
@@ -242,6 +248,13 @@ func start(t testing.TB, name, bin string, args []string, extraEnv ...string) *p
 		}
 	})
 	return p
+}
+
+// restart stops the process and starts the same command again.
+func (p *process) restart(t testing.TB) *process {
+	t.Helper()
+	p.stop(t)
+	return start(t, p.name, p.bin, p.args, p.env...)
 }
 
 // exited reports whether the process has ended.
@@ -432,6 +445,16 @@ func (s *server) waitHealthy(t testing.TB) bool {
 	return false
 }
 
+// restart stops the server (SIGTERM) and starts it again on the same
+// configuration, store and token, then waits until it is healthy.
+func (s *server) restart(t testing.TB) {
+	t.Helper()
+	s.process = s.process.restart(t)
+	if !s.waitHealthy(t) {
+		t.Fatalf("ironroot-server exited after a restart (%v); stderr:\n%s", s.err, s.stderr.String())
+	}
+}
+
 // cli runs an admin command (`ironroot-server <args> -socketPath ...`) and
 // returns its stdout; a non-zero exit fails the test.
 func (s *server) cli(t testing.TB, args ...string) string {
@@ -517,6 +540,13 @@ func startAgent(t testing.TB, srv *server, sw *simulator.SWTPM, bundlePath strin
 		"-logLevel", "debug",
 	})
 	return a
+}
+
+// restart stops the agent (SIGTERM) and starts it again with the same
+// flags and data directory; it does not wait (see waitServing).
+func (a *agent) restart(t testing.TB) {
+	t.Helper()
+	a.process = a.process.restart(t)
 }
 
 // waitServing waits until the agent's Workload API answers its healthcheck
