@@ -134,6 +134,21 @@ func New(attestor Attestor, source Source, opts ...Option) (*Server, error) {
 	return s, nil
 }
 
+// SetServing sets what the gRPC health service on the socket reports:
+// SERVING, or NOT_SERVING while the agent has no identities to hand out
+// (before its first sync, or after its cache was invalidated), so that
+// `ironroot-agent healthcheck` and orchestrator probes see it. New servers
+// report SERVING.
+func (s *Server) SetServing(serving bool) {
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if serving {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	// After Stop the health server has shut down and ignores this.
+	s.health.SetServingStatus("", st)
+	s.health.SetServingStatus(serviceName, st)
+}
+
 // Serve answers Workload API calls on lis until ctx ends or serving fails,
 // then stops gracefully: open streams end with Unavailable (clients
 // reconnect to the next server) and unary RPCs get the grace period.

@@ -39,6 +39,7 @@ import (
 func mySelector() string { return "unix:uid:" + strconv.Itoa(os.Geteuid()) }
 
 type fixture struct {
+	srv      *workloadapi.Server
 	pki, fed *testPKI
 	src      *testSource
 	sock     string
@@ -79,6 +80,7 @@ func newFixture(t testing.TB, fo fixtureOpts) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.srv = srv
 	f.sock = filepath.Join(t.TempDir(), "run", "agent.sock")
 	f.addr = workloadapi.SocketPathAddress(f.sock)
 	lis, err := workloadapi.Listen(f.sock)
@@ -587,6 +589,20 @@ func TestHealthAndReflection(t *testing.T) {
 			t.Fatalf("health of %q: %v %v", svc, resp, err)
 		}
 	}
+	check := func(want healthpb.HealthCheckResponse_ServingStatus) {
+		t.Helper()
+		for _, svc := range []string{"", "SpiffeWorkloadAPI"} {
+			resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: svc})
+			if err != nil || resp.Status != want {
+				t.Fatalf("health of %q: %v %v, want %v", svc, resp, err, want)
+			}
+		}
+	}
+	f.srv.SetServing(false)
+	check(healthpb.HealthCheckResponse_NOT_SERVING)
+	f.srv.SetServing(true)
+	check(healthpb.HealthCheckResponse_SERVING)
+
 	rs, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
 	if err != nil {
 		t.Fatal(err)

@@ -122,6 +122,12 @@ func (s *testSource) FetchJWTSVIDs(_ context.Context, sels []workloadapi.Selecto
 // serve starts a Workload API server for src and returns its socket path.
 func serve(t *testing.T, src workloadapi.Source) string {
 	t.Helper()
+	sock, _ := serveWith(t, src)
+	return sock
+}
+
+func serveWith(t *testing.T, src workloadapi.Source) (string, *workloadapi.Server) {
+	t.Helper()
 	srv, err := workloadapi.New(unix.New(), src)
 	if err != nil {
 		t.Fatal(err)
@@ -140,7 +146,7 @@ func serve(t *testing.T, src workloadapi.Source) string {
 			t.Errorf("Serve: %v", err)
 		}
 	})
-	return sock
+	return sock, srv
 }
 
 func mySelector() string { return "unix:uid:" + strconv.Itoa(os.Geteuid()) }
@@ -366,6 +372,8 @@ func TestWatch(t *testing.T) {
 
 func TestHealthcheck(t *testing.T) {
 	sock := serve(t, newTestSource(t, mySelector()))
+	notServing, srv := serveWith(t, newTestSource(t, mySelector()))
+	srv.SetServing(false)
 	ctx := testCtx(t)
 	for _, tc := range []struct {
 		name   string
@@ -378,6 +386,7 @@ func TestHealthcheck(t *testing.T) {
 		{"verbose", []string{"-socketPath", sock, "-verbose"}, 0, "Checking agent health at unix://" + sock, ""},
 		{"shallow", []string{"-socketPath", sock, "-shallow"}, 0, "Agent is healthy.", ""},
 		{"no agent", []string{"-socketPath", filepath.Join(t.TempDir(), "x.sock")}, 1, "", "agent is unhealthy: Unavailable"},
+		{"not serving", []string{"-socketPath", notServing}, 1, "", "agent is unhealthy: NOT_SERVING"},
 		{"bad flag", []string{"-nope"}, 2, "", "flag provided but not defined"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
