@@ -21,6 +21,7 @@ import (
 // go-spiffe Workload API client; the SVID verifies against the server's
 // bundle.
 func TestAgentIssuesX509SVID(t *testing.T) {
+	t.Parallel()
 	srv := startServer(t)
 	bundlePath := srv.bundle(t)
 	sw := e2e.suite.Start(t)
@@ -96,6 +97,7 @@ func fetchSVID(t *testing.T, ctx context.Context, c *workloadapi.Client, want st
 // An agent whose TPM was manufactured by another CA is refused: it never
 // serves the Workload API and logs the server's PermissionDenied.
 func TestAgentForeignTPMRefused(t *testing.T) {
+	t.Parallel()
 	srv := startServer(t)
 	bundlePath := srv.bundle(t)
 	foreign := simtest.StartTPM(t, simtest.Manufacture(t, simtest.NewCA(t)))

@@ -353,8 +353,9 @@ type server struct {
 }
 
 type serverConfig struct {
-	ekRootDir string
-	extraHCL  string
+	ekRootDir  string
+	serverKeys string
+	extraHCL   string
 }
 
 // serverOption configures startServer.
@@ -362,6 +363,9 @@ type serverOption func(*serverConfig)
 
 // withEKRoots trusts the CAs in dir instead of the suite's.
 func withEKRoots(dir string) serverOption { return func(c *serverConfig) { c.ekRootDir = dir } }
+
+// withServerKeys adds keys (HCL lines) to the server block, e.g. TTLs.
+func withServerKeys(hcl string) serverOption { return func(c *serverConfig) { c.serverKeys = hcl } }
 
 // withServerHCL appends HCL (top-level blocks) to server.hcl.
 func withServerHCL(hcl string) serverOption { return func(c *serverConfig) { c.extraHCL = hcl } }
@@ -405,6 +409,7 @@ func startServer(t testing.TB, opts ...serverOption) *server {
   data_dir     = %q
   log_level    = "debug"
   hsm          = %q
+%s
 }
 
 node_attestation {
@@ -412,7 +417,7 @@ node_attestation {
     ek_root_dir = %q
   }
 }
-%s`, trustDomain, port, s.socketPath, filepath.Join(dir, "data"), tok.URI, cfg.ekRootDir, cfg.extraHCL)
+%s`, trustDomain, port, s.socketPath, filepath.Join(dir, "data"), tok.URI, cfg.serverKeys, cfg.ekRootDir, cfg.extraHCL)
 		if err := os.WriteFile(s.configPath, []byte(hcl), 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -13,6 +13,7 @@ import (
 // The server starts from server.hcl with its CA key in SoftHSM, serves its
 // admin CLI, and publishes a bundle that is its CA in the trust domain.
 func TestServerCLI(t *testing.T) {
+	t.Parallel()
 	srv := startServer(t)
 	parent := "spiffe://" + trustDomain + "/ironroot/agent/tpm/" + strings.Repeat("ab", 32)
 

@@ -66,6 +66,7 @@ func newClient(t *testing.T, ctx context.Context, a *agent) *workloadapi.Client 
 // watching workload, an agent restart resumed from its data directory, and
 // a server restart the agent rides out.
 func TestWorkloadLifecycle(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*readyTimeout)
 	defer cancel()
 	srv := startServer(t)
