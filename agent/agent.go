@@ -131,7 +131,27 @@ func New(ctx context.Context, cfg *config.Config, logger *slog.Logger) (_ *Agent
 	if a.wl, err = workloadapi.New(attestor, a.mgr, workloadapi.WithLogger(logger.With("component", "workloadapi"))); err != nil {
 		return nil, err
 	}
+	// Health probes see NOT_SERVING until the first sync is signed.
+	a.wl.SetServing(false)
 	return a, nil
+}
+
+// refreshServing makes the Workload API's health service report SERVING
+// only while the cache has synced and is not invalidated.
+func (a *Agent) refreshServing() {
+	select {
+	case <-a.mgr.Ready():
+		a.wl.SetServing(a.mgr.State().Invalidated == "")
+	default:
+		a.wl.SetServing(false)
+	}
+}
+
+// invalidate fails closed: the cache drops every SVID and health probes
+// report NOT_SERVING.
+func (a *Agent) invalidate(reason string) {
+	a.mgr.Invalidate(reason)
+	a.refreshServing()
 }
 
 // loadTrust reads the configured trust bundle and, if a previous run saved
@@ -180,7 +200,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.connect(); err != nil {
 		return err
 	}
-	errc := make(chan error, 3)
+	errc := make(chan error, 5)
 	var wg sync.WaitGroup
 	spawn := func(f func() error) {
 		wg.Add(1)
@@ -200,6 +220,14 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	spawn(func() error { a.followBundle(ctx); return nil })
 	spawn(func() error { a.renewLoop(ctx); return nil })
+	spawn(func() error {
+		select {
+		case <-a.mgr.Ready():
+			a.refreshServing()
+		case <-ctx.Done():
+		}
+		return nil
+	})
 	a.log.Info("ironroot-agent started", "spiffe_id", a.id.current().ID.String(), "server", a.cfg.ServerAddress, "socket", a.cfg.SocketPath)
 
 	var err error
@@ -340,6 +368,7 @@ func (a *Agent) renewLoop(ctx context.Context) {
 				a.log.Error("reconnecting after re-attestation", "error", err)
 			}
 			a.renewing.Store(false)
+			a.refreshServing()
 			// A refusal signalled while attesting concerned the old SVID.
 			select {
 			case <-a.reattest:
@@ -354,17 +383,26 @@ func (a *Agent) renewLoop(ctx context.Context) {
 		}
 		if refused(err) {
 			a.log.Error("the server refused re-attestation: no longer serving SVIDs", "error", err)
-			a.mgr.Invalidate("the server refused this node: " + status.Convert(err).Message())
+			a.invalidate("the server refused this node: " + status.Convert(err).Message())
 		} else {
-			a.log.Warn("re-attestation failed; retrying", "error", err, "in", wait)
-			if leaf := a.id.current().Certificates[0]; !time.Now().Before(leaf.NotAfter) {
-				a.mgr.Invalidate("the agent SVID expired and could not be renewed")
+			if leaf := a.id.current().Certificates[0]; !time.Now().Before(leaf.NotAfter) && a.mgr.State().Invalidated == "" {
+				a.log.Error("the agent SVID expired and could not be renewed: no longer serving SVIDs", "error", err)
+				a.invalidate("the agent SVID expired and could not be renewed")
 			}
+		}
+		sleep := wait
+		if left := time.Until(a.id.current().Certificates[0].NotAfter); left > 0 && left < sleep {
+			// Try once more at expiry, so that a failure then stops the
+			// SVIDs on time rather than up to maxRetry later.
+			sleep = left
+		}
+		if !refused(err) {
+			a.log.Warn("re-attestation failed; retrying", "error", err, "in", sleep)
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(wait):
+		case <-time.After(sleep):
 		}
 		wait = min(wait*2, maxRetry)
 		select {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/ironroot/ironroot/agent/config"
@@ -59,6 +60,7 @@ func TestFirstStart(t *testing.T) {
 	srv.createEntry(workloadID, svid.ID)
 	wl := workload(t, ta)
 	waitX509(t, srv, wl, workloadID)
+	waitHealth(t, ta, healthpb.HealthCheckResponse_SERVING)
 
 	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
@@ -234,6 +236,7 @@ func TestBanFailsClosed(t *testing.T) {
 	if st := ta.a.mgr.State(); st.Invalidated == "" || st.SVIDs != 0 {
 		t.Fatalf("cache after ban: %+v, want invalidated and empty", st)
 	}
+	waitHealth(t, ta, healthpb.HealthCheckResponse_NOT_SERVING)
 	logs := ta.logs.String()
 	if !logHas(logs, "refused re-attestation", "banned") {
 		t.Fatal("the agent did not log that the server refused it as banned")
@@ -241,6 +244,63 @@ func TestBanFailsClosed(t *testing.T) {
 	n := srv.node(svid.ID)
 	if n == nil || !n.Banned || n.CertSerial != "" {
 		t.Fatalf("node after refused re-attestation: %+v, want banned with no serial", n)
+	}
+
+	// The agent keeps trying: once an operator readmits the node (evicts
+	// the banned record), it attests again and its workloads recover.
+	if err := srv.srv.Store().DeleteNode(context.Background(), svid.ID.String()); err != nil {
+		t.Fatalf("DeleteNode: %v", err)
+	}
+	waitX509(t, srv, wl, workloadID)
+	waitHealth(t, ta, healthpb.HealthCheckResponse_SERVING)
+	if n := srv.node(svid.ID); n == nil || n.Banned || n.CertSerial != ta.serial() {
+		t.Fatalf("node after readmission: %+v, want the agent's current serial %s", n, ta.serial())
+	}
+}
+
+// TestAgentSVIDExpiresWhileServerDown: with the server unreachable the
+// agent serves its cached SVIDs until its own SVID expires, then stops
+// (fail closed), and recovers by itself when the server is back.
+func TestAgentSVIDExpiresWhileServerDown(t *testing.T) {
+	srv := newServer(t, func(c *sconfig.Config) { c.AgentTTL = 6 * time.Second })
+	sw := suite.Start(t)
+	ta := startAgent(t, agentConfig(t, srv, sw))
+	svid := ta.waitAttested()
+	srv.createEntry(workloadID, svid.ID)
+	wl := workload(t, ta)
+	waitX509(t, srv, wl, workloadID)
+	bundle := srv.x509Bundle()
+
+	srv.stop()
+	// The last SVID the agent got before the server went away.
+	var expires time.Time
+	waitFor(t, "the workload to be refused after the agent SVID expired", func() bool {
+		if cur := ta.svid(); cur != nil {
+			expires = cur.Certificates[0].NotAfter
+		}
+		ids, err := fetchX509With(bundle, wl)
+		now := time.Now()
+		switch {
+		case status.Code(err) == codes.PermissionDenied:
+			if now.Before(expires) {
+				t.Fatalf("the workload was refused at %s, before the agent SVID expired at %s", now, expires)
+			}
+			return true
+		case err != nil || len(ids) != 1 || ids[0] != workloadID:
+			t.Fatalf("with the server down the workload got %v, %v", ids, err)
+		}
+		return false
+	})
+	if !logHas(ta.logs.String(), "level=ERROR", "expired and could not be renewed") {
+		t.Error("the agent did not log why it stopped serving SVIDs")
+	}
+	waitHealth(t, ta, healthpb.HealthCheckResponse_NOT_SERVING)
+
+	srv.restart()
+	waitX509(t, srv, wl, workloadID)
+	waitHealth(t, ta, healthpb.HealthCheckResponse_SERVING)
+	if n := srv.node(svid.ID); n == nil || n.CertSerial != ta.serial() {
+		t.Fatalf("node after recovery: %+v, want the agent's serial %s", n, ta.serial())
 	}
 }
 

@@ -24,6 +24,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	spiffewl "github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/ironroot/ironroot/agent/config"
 	"github.com/ironroot/ironroot/server"
@@ -66,7 +69,7 @@ func (b *lockedBuffer) String() string {
 func newTestLogger(t testing.TB, name string) (*slog.Logger, *lockedBuffer) {
 	buf := &lockedBuffer{}
 	t.Cleanup(func() {
-		if t.Failed() {
+		if t.Failed() || os.Getenv("AGENT_TEST_LOGS") != "" {
 			t.Logf("%s log:\n%s", name, buf)
 		}
 	})
@@ -399,4 +402,26 @@ func logHas(log string, parts ...string) bool {
 		}
 	}
 	return false
+}
+
+// waitHealth waits until the gRPC health service on the agent's Workload
+// API socket (what `ironroot-agent healthcheck` asks) reports want.
+func waitHealth(t testing.TB, ta *testAgent, want healthpb.HealthCheckResponse_ServingStatus) {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+ta.cfg.SocketPath, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := healthpb.NewHealthClient(conn)
+	var got healthpb.HealthCheckResponse_ServingStatus
+	waitFor(t, "agent health "+want.String(), func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		resp, err := client.Check(ctx, &healthpb.HealthCheckRequest{})
+		if err == nil {
+			got = resp.Status
+		}
+		return err == nil && got == want
+	})
 }
