@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"path"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -29,7 +30,7 @@ var migrationFS embed.FS
 // keys on and a busy timeout, so readers never block the writer. It refuses
 // a database whose schema is newer than this binary (ErrSchemaTooNew).
 func OpenSQLite(ctx context.Context, dbPath string, opts ...Option) (*SQLStore, error) {
-	o := options{logger: slog.New(slog.DiscardHandler), now: time.Now, busyTimeout: 5 * time.Second}
+	o := options{logger: slog.New(slog.DiscardHandler), now: time.Now, busyTimeout: 5 * time.Second, maxConns: max(4, 2*runtime.GOMAXPROCS(0))}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -47,6 +48,12 @@ func OpenSQLite(ctx context.Context, dbPath string, opts ...Option) (*SQLStore, 
 	if err != nil {
 		return nil, fmt.Errorf("opening SQLite store %s: %w", dbPath, err)
 	}
+	// database/sql keeps 2 idle connections by default: under concurrent
+	// reads it would open (parsing the schema and pragmas) and close one
+	// per query. Writes are serialised by wmu, so a bounded pool cannot
+	// starve them.
+	db.SetMaxOpenConns(o.maxConns)
+	db.SetMaxIdleConns(o.maxConns)
 	s := &SQLStore{
 		db:      db,
 		dialect: dialect{name: "sqlite", migrations: "migrations/sqlite"},

@@ -36,6 +36,7 @@ type options struct {
 	logger      *slog.Logger
 	now         func() time.Time
 	busyTimeout time.Duration
+	maxConns    int
 }
 
 // WithLogger sets the logger for migrations and maintenance messages.
@@ -62,6 +63,18 @@ func WithBusyTimeout(d time.Duration) Option {
 	return func(o *options) {
 		if d > 0 {
 			o.busyTimeout = d
+		}
+	}
+}
+
+// WithMaxConns bounds the database connection pool (default: twice the
+// number of CPUs, at least 4). Every connection stays open once made: many
+// concurrent readers (a Sync stream per agent re-reading its node) would
+// otherwise open and close a connection per query.
+func WithMaxConns(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.maxConns = n
 		}
 	}
 }
