@@ -410,3 +410,54 @@ func TestNewRefusesBadConfig(t *testing.T) {
 	}
 	a.Close()
 }
+
+// TestCARotationTrust: the agent follows the bundle the server sends over
+// Sync and saves it, so after a CA rotation (and the old CA's expiry) an
+// agent restarted with its original -trustBundle file, which holds only
+// the old CA, still authenticates the server.
+func TestCARotationTrust(t *testing.T) {
+	const caTTL = 12 * time.Second
+	srv := newServer(t, func(c *sconfig.Config) {
+		c.CATTL = caTTL
+		c.AgentTTL = 6 * time.Second
+	})
+	first := srv.srv.CA().ActiveCA()
+	sw := suite.Start(t)
+	cfg := agentConfig(t, srv, sw)
+	ta := startAgent(t, cfg)
+	svid := ta.waitAttested()
+	srv.createEntry(workloadID, svid.ID)
+	wl := workload(t, ta)
+	waitX509(t, srv, wl, workloadID)
+
+	// Rotation, then the first CA's expiry: nothing signed by it is valid.
+	waitFor(t, "the first CA to expire", func() bool {
+		active := srv.srv.CA().ActiveCA()
+		return active != nil && !active.Equal(first) && time.Now().After(first.NotAfter)
+	})
+	saved, err := loadBundleFile(td, filepath.Join(cfg.DataDir, bundleFile))
+	if err != nil {
+		t.Fatalf("reading the saved bundle: %v", err)
+	}
+	active := srv.srv.CA().ActiveCA()
+	if !saved.HasX509Authority(active) {
+		waitFor(t, "the agent to save the rotated bundle", func() bool {
+			saved, err = loadBundleFile(td, filepath.Join(cfg.DataDir, bundleFile))
+			return err == nil && saved.HasX509Authority(active)
+		})
+	}
+	orig, err := loadBundleFile(td, cfg.TrustBundlePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if orig.HasX509Authority(active) {
+		t.Fatal("the -trustBundle file already holds the new CA: the test proves nothing")
+	}
+	// The running agent kept working across the rotation.
+	waitX509(t, srv, wl, workloadID)
+	ta.stop()
+
+	again := startAgent(t, cfg)
+	srv.createEntry(workloadID2, svid.ID)
+	waitX509(t, srv, workload(t, again), workloadID, workloadID2)
+}
