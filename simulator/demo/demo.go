@@ -10,6 +10,7 @@
 package demo
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -502,7 +503,7 @@ func (d *demo) printQuote(ev tpm.PlatformEvidence, nonce []byte, sel tpm.PCRSele
 	if err != nil {
 		return fmt.Errorf("decoding quote: %w", err)
 	}
-	if hex.EncodeToString(attest.ExtraData.Buffer) != hex.EncodeToString(nonce) {
+	if !bytes.Equal(attest.ExtraData.Buffer, nonce) {
 		return errors.New("quote does not carry the server's nonce")
 	}
 	d.p.ok(Checks[4], "signed by the AK over the server's single-use %d-byte nonce %s…", len(nonce), hex.EncodeToString(nonce[:8]))
@@ -589,7 +590,7 @@ func (d *demo) sign(ctx context.Context) error {
 	if err := csr.CheckSignature(); err != nil {
 		return fmt.Errorf("CSR signature: %w", err)
 	}
-	if !d.result.AgentKey.(*ecdsa.PublicKey).Equal(csr.PublicKey) {
+	if certified, ok := d.result.AgentKey.(*ecdsa.PublicKey); !ok || !certified.Equal(csr.PublicKey) {
 		return errors.New("the CSR's key is not the certified TPM key")
 	}
 	p.ok(Checks[10], "ECDSA-SHA256 by the TPM key; its key is the one the AK certified")
@@ -607,7 +608,7 @@ func (d *demo) sign(ctx context.Context) error {
 	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != d.agentID.String() {
 		return fmt.Errorf("agent certificate URI SAN %v", leaf.URIs)
 	}
-	if !leaf.PublicKey.(*ecdsa.PublicKey).Equal(d.agentKey.Public()) {
+	if pub, ok := leaf.PublicKey.(*ecdsa.PublicKey); !ok || !pub.Equal(d.agentKey.Public()) {
 		return errors.New("agent certificate key is not the TPM key")
 	}
 	p.ok(Checks[12], "chains to the HSM CA certificate; URI SAN is the agent ID; subject key is the TPM key")

@@ -279,21 +279,20 @@ func (p *process) wait(t testing.TB, timeout time.Duration) int {
 }
 
 // stop ends the process group: SIGTERM, SIGKILL after stopTimeout. It is
-// safe to call more than once.
+// safe to call more than once, and a no-op once the process has exited.
 func (p *process) stop(t testing.TB) {
-	pgid := p.cmd.Process.Pid
-	if !p.exited() {
-		_ = syscall.Kill(-pgid, syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(stopTimeout):
-			t.Errorf("%s ignored SIGTERM for %v; killing it", p.name, stopTimeout)
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
-			<-p.done
-		}
+	if p.exited() {
+		return
 	}
-	// Children left in the group (none expected) go too.
-	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	pgid := p.cmd.Process.Pid // the group was made with Setpgid: pgid = pid
+	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(stopTimeout):
+		t.Errorf("%s ignored SIGTERM for %v; killing it", p.name, stopTimeout)
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+		<-p.done
+	}
 }
 
 // run runs bin to completion with a hang guard and returns its exit code,
