@@ -226,3 +226,65 @@ func processCPU(b *testing.B) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// BenchmarkSyncFanout measures one entry change reaching many connected
+// agents: every iteration creates an entry under a node alias all of them
+// match, and waits until every stream received it. Reports the latency to
+// the last stream (p50, p99) and the process CPU per change, which is what
+// grows with the number of connected agents.
+//
+//	go test -run '^$' -bench SyncFanout -benchtime 200x ./server/
+func BenchmarkSyncFanout(b *testing.B) {
+	e := newEnv(b)
+	ctx := context.Background()
+	sel := store.Selector{Type: "tpm", Value: manufacturer}
+	alias, err := e.srv.Store().CreateEntry(ctx, &store.Entry{
+		SPIFFEID: "spiffe://example.org/fleet", ParentID: "spiffe://example.org/ironroot/server", Selectors: []store.Selector{sel},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var seq int // entry names stay unique across b.Run's repeated calls
+	for _, agents := range []int{10, 100, 500} {
+		b.Run(fmt.Sprintf("agents=%d", agents), func(b *testing.B) {
+			streams := make([]*syncStream, agents)
+			for i := range streams {
+				a := e.newAgent(sel)
+				streams[i] = e.openSync(e.dial(a.svid))
+				streams[i].next(b)
+			}
+			defer func() {
+				for _, st := range streams {
+					st.cancel()
+				}
+			}()
+			lat := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			cpu0 := processCPU(b)
+			for range b.N {
+				seq++
+				start := time.Now()
+				en, err := e.srv.Store().CreateEntry(ctx, &store.Entry{
+					SPIFFEID: fmt.Sprintf("spiffe://example.org/fan/%d", seq), ParentID: alias.SPIFFEID,
+					Selectors: []store.Selector{{Type: "unix", Value: "uid:1"}},
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, st := range streams {
+					for got := false; !got; {
+						m := st.next(b)
+						got = slices.ContainsFunc(m.Upserted, func(x *agentv1.Entry) bool { return x.Id == en.ID })
+					}
+				}
+				lat = append(lat, time.Since(start))
+			}
+			cpu := processCPU(b) - cpu0
+			b.StopTimer()
+			slices.Sort(lat)
+			b.ReportMetric(ms(lat[len(lat)/2]), "p50-ms")
+			b.ReportMetric(ms(lat[(len(lat)*99)/100]), "p99-ms")
+			b.ReportMetric(float64(cpu.Microseconds())/float64(b.N)/1000, "cpu-ms/change")
+		})
+	}
+}

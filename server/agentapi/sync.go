@@ -31,9 +31,9 @@ const perItemOverhead = 8
 // set with the bundle on connect, then, as each change is committed, the
 // upserted entries and deleted IDs, and the bundle whenever its sequence
 // number changes. It waits on the entry cache's and the CA's signals and
-// never polls; the entry cache signals after it applied node events too, so
-// a ban, an eviction or a re-attestation of the caller ends the stream with
-// PermissionDenied naming the reason. The stream also ends, Unauthenticated,
+// never polls; the entry cache signals after it applied node events too, and
+// tells which nodes changed, so a ban, an eviction or a re-attestation of the
+// caller ends the stream with PermissionDenied naming the reason. The stream also ends, Unauthenticated,
 // when the agent SVID it was opened with expires.
 func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) error {
 	ctx := stream.Context()
@@ -42,6 +42,10 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 		return status.Error(codes.Unavailable, "the server is shutting down")
 	default:
 	}
+	// The cache revision before authenticate reads the node record: a node
+	// change that read missed is applied to the cache later, at a higher
+	// revision, so comparing NodeRevision with it never misses one.
+	nodeChecked := s.cfg.Entries.Revision()
 	c, err := s.authenticate(ctx)
 	if err != nil {
 		return err
@@ -90,8 +94,14 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 		drain(entriesCh)
 		drain(bundleCh)
 
-		if node, err = s.recheckNode(ctx, c); err != nil {
-			return err
+		// Re-read the node record only when the cache saw it change: with
+		// thousands of streams, one query each per commit adds up.
+		if s.cfg.Entries.NodeRevision(c.id.String()) > nodeChecked {
+			rev := s.cfg.Entries.Revision()
+			if node, err = s.recheckNode(ctx, c); err != nil {
+				return err
+			}
+			nodeChecked = rev
 		}
 		var (
 			msgUpserted []*agentv1.Entry

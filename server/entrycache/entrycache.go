@@ -75,6 +75,11 @@ type Cache struct {
 	aliasBySel map[store.Selector]map[string]*store.Entry
 	lastEvent  int64
 	revision   uint64
+	// nodeRev is the revision at which each node last had an event since
+	// the last reload (reloadRev), so a Sync stream re-reads its node record
+	// only when it changed.
+	nodeRev   map[string]uint64
+	reloadRev uint64
 
 	subsMu sync.Mutex
 	subs   map[chan struct{}]struct{}
@@ -127,6 +132,9 @@ func (c *Cache) reload(ctx context.Context) error {
 	}
 	c.lastEvent = last
 	c.revision++
+	// A reload cannot tell which nodes changed: treat all as changed.
+	c.nodeRev = map[string]uint64{}
+	c.reloadRev = c.revision
 	c.mu.Unlock()
 	c.notify()
 	return nil
@@ -186,12 +194,15 @@ func (c *Cache) refreshLocked(ctx context.Context) (changed bool, err error) {
 		if len(events) == 0 {
 			return changed, nil
 		}
-		var ids []string
+		var ids, nodes []string
 		seen := map[string]bool{}
 		for _, ev := range events {
-			if ev.Kind == store.EventEntry && !seen[ev.ObjectID] {
+			switch {
+			case ev.Kind == store.EventEntry && !seen[ev.ObjectID]:
 				seen[ev.ObjectID] = true
 				ids = append(ids, ev.ObjectID)
+			case ev.Kind == store.EventNode:
+				nodes = append(nodes, ev.ObjectID)
 			}
 		}
 		current, err := c.st.GetEntries(ctx, ids)
@@ -209,6 +220,9 @@ func (c *Cache) refreshLocked(ctx context.Context) (changed bool, err error) {
 		// Node and bundle events bump the revision too: a Sync stream must
 		// re-check its node (ban, new selectors) and the bundle.
 		c.revision++
+		for _, n := range nodes {
+			c.nodeRev[n] = c.revision
+		}
 		c.mu.Unlock()
 		changed = true
 	}
@@ -412,6 +426,18 @@ func (c *Cache) Revision() uint64 {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.revision
+}
+
+// NodeRevision returns the revision at which the cache last applied a
+// change of the node with the agent ID (attestation, ban, eviction), or
+// the revision of the last full reload, whichever is later. A Sync stream
+// that read its node record when the cache was at revision r need re-read
+// it only once NodeRevision exceeds r. The map behind it holds one number
+// per node that changed since start-up or the last reload.
+func (c *Cache) NodeRevision(agentID string) uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return max(c.nodeRev[agentID], c.reloadRev)
 }
 
 // LastEventID returns the ID of the last store event applied.

@@ -435,3 +435,45 @@ func TestConcurrentReadersAndWriter(t *testing.T) {
 		t.Fatalf("agent A authorized for %d entries, want 23", len(got))
 	}
 }
+
+func TestNodeRevision(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t)
+	c := newCache(t, s)
+	node := func(id spiffeid.ID, serial string) *store.Node {
+		return &store.Node{SPIFFEID: id.String(), EKHash: id.Path()[len("/ironroot/agent/tpm/"):], CertSerial: serial}
+	}
+	steps := []struct {
+		name        string
+		act         func() error
+		wantChanged bool // did agent A's NodeRevision move past the previous revision?
+	}{
+		{"A attests", func() error { _, err := s.UpsertNode(ctx, node(agentA, "1")); return err }, true},
+		{"B attests", func() error { _, err := s.UpsertNode(ctx, node(agentB, "1")); return err }, false},
+		{"an entry is created", func() error { create(t, s, "/web", agentA.String(), "unix:uid:1"); return nil }, false},
+		{"A re-attests", func() error { _, err := s.UpsertNode(ctx, node(agentA, "2")); return err }, true},
+		{"B is banned", func() error { _, err := s.BanNode(ctx, agentB.String()); return err }, false},
+		{"A is banned", func() error { _, err := s.BanNode(ctx, agentA.String()); return err }, true},
+		{"A is evicted", func() error { return s.DeleteNode(ctx, agentA.String()) }, true},
+		{"events are pruned: a reload marks every node changed", func() error {
+			create(t, s, "/api", agentB.String(), "unix:uid:2")
+			_, err := s.PruneEvents(ctx, time.Now().Add(time.Hour), 0)
+			return err
+		}, true},
+	}
+	for _, st := range steps {
+		before := c.Revision()
+		if err := st.act(); err != nil {
+			t.Fatalf("%s: %v", st.name, err)
+		}
+		if err := c.Refresh(ctx); err != nil {
+			t.Fatalf("%s: Refresh: %v", st.name, err)
+		}
+		if c.Revision() <= before {
+			t.Fatalf("%s: cache revision did not move", st.name)
+		}
+		if changed := c.NodeRevision(agentA.String()) > before; changed != st.wantChanged {
+			t.Errorf("%s: NodeRevision(A) moved = %t, want %t", st.name, changed, st.wantChanged)
+		}
+	}
+}
