@@ -6,12 +6,15 @@ import (
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -19,6 +22,7 @@ import (
 
 	"github.com/ironroot/ironroot/agent/config"
 	sconfig "github.com/ironroot/ironroot/server/config"
+	"github.com/ironroot/ironroot/server/store"
 	"github.com/ironroot/ironroot/tpm"
 )
 
@@ -460,4 +464,61 @@ func TestCARotationTrust(t *testing.T) {
 	again := startAgent(t, cfg)
 	srv.createEntry(workloadID2, svid.ID)
 	waitX509(t, srv, workload(t, again), workloadID, workloadID2)
+}
+
+// TestRunFromFlags: `ironroot-agent run` works from flags alone, and a
+// cancelled context (SIGINT/SIGTERM in main) stops it cleanly, releasing
+// the TPM for the next start.
+func TestRunFromFlags(t *testing.T) {
+	srv := newServer(t, nil)
+	sw := suite.Start(t)
+	cfg := agentConfig(t, srv, sw)
+	args := []string{
+		"-serverAddress", cfg.ServerAddress, "-tpm", cfg.TPM, "-socketPath", cfg.SocketPath,
+		"-dataDir", cfg.DataDir, "-trustBundle", cfg.TrustBundlePath, "-trustDomain", "example.org",
+		"-logLevel", "warn", "-logFormat", "json",
+	}
+	run := func() (cancel func() error) {
+		ctx, stop := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- RunFromArgs(ctx, args) }()
+		var once sync.Once
+		var err error
+		cancel = func() error {
+			once.Do(func() { stop(); err = <-done })
+			return err
+		}
+		t.Cleanup(func() { cancel() })
+		return cancel
+	}
+	stop := run()
+	var nodes []*store.Node
+	waitFor(t, "the agent to attest", func() bool {
+		var err error
+		nodes, _, err = srv.srv.Store().ListNodes(context.Background(), store.ListNodesRequest{})
+		return err == nil && len(nodes) == 1
+	})
+	agentID, err := spiffeid.FromString(nodes[0].SPIFFEID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.createEntry(workloadID, agentID)
+	wl := workload(t, &testAgent{cfg: cfg})
+	waitX509(t, srv, wl, workloadID)
+	if err := stop(); err != nil {
+		t.Fatalf("RunFromArgs after cancel: %v", err)
+	}
+	if _, err := os.Stat(cfg.SocketPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the Workload API socket is left behind after stop: %v", err)
+	}
+
+	// The TPM was released: a second run starts, resumes and serves.
+	stop = run()
+	waitX509(t, srv, wl, workloadID)
+	if err := stop(); err != nil {
+		t.Fatalf("second RunFromArgs after cancel: %v", err)
+	}
+	if n := srv.node(agentID); n.CertSerial != nodes[0].CertSerial {
+		t.Errorf("the second run attested again (serial %s → %s) instead of resuming", nodes[0].CertSerial, n.CertSerial)
+	}
 }

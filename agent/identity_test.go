@@ -32,7 +32,7 @@ var (
 // per process, so servers run one at a time (no t.Parallel).
 func TestMain(m *testing.M) {
 	suite = simtest.MustSuite()
-	code := simtest.RunWithSoftHSM(m, &softHSM, 12)
+	code := simtest.RunWithSoftHSM(m, &softHSM, 14)
 	suite.Close()
 	os.Exit(code)
 }
