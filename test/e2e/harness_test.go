@@ -88,7 +88,8 @@ func setup(m *testing.M) (int, error) {
 }
 
 // buildBinaries builds the three commands into dir with the go tool that
-// runs the tests (cgo on: the server's PKCS#11 needs it).
+// runs the tests (cgo on: the server's PKCS#11 needs it), with -race when the
+// tests run with it.
 func buildBinaries(ctx context.Context, dir string) error {
 	goTool, err := exec.LookPath("go")
 	if err != nil {
@@ -99,6 +100,9 @@ func buildBinaries(ctx context.Context, dir string) error {
 		return err
 	}
 	args := []string{"build", "-o", dir + string(filepath.Separator)}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
 	for _, b := range []string{serverBin, agentBin, simBin} {
 		args = append(args, "./cmd/"+b)
 	}
@@ -242,6 +246,10 @@ func start(t testing.TB, name, bin string, args []string, extraEnv ...string) *p
 	}
 	t.Cleanup(func() {
 		p.stop(t)
+		// A race-enabled binary reports races on stderr and carries on.
+		if raceEnabled && strings.Contains(p.stderr.String(), "WARNING: DATA RACE") {
+			t.Errorf("%s had a data race", name)
+		}
 		if t.Failed() {
 			t.Logf("%s %s exited: %v\n--- %s stderr ---\n%s--- %s stdout ---\n%s", name,
 				strings.Join(args, " "), p.err, name, p.stderr.String(), name, p.stdout.String())
