@@ -6,6 +6,8 @@
 //
 // The harness (harness_test.go) kills every process it starts when its test
 // ends, also on failure, and puts each process's stderr in the test log when
-// the test failed. The tests need swtpm and SoftHSM2 (`make deps`) and fail,
-// never skip, without them.
+// the test failed. Under `go test -race` (as `make test` runs it) the
+// binaries are built with -race as well, and a data race they report fails
+// the test. The tests need swtpm and SoftHSM2 (`make deps`) and fail, never
+// skip, without them.
 package e2e
