@@ -7,6 +7,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -61,8 +62,8 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 	defer expiry.Stop()
 
 	node := c.node
-	revision := s.cfg.Entries.Revision()
-	current := s.cfg.Entries.Authorized(c.id, node.Selectors)
+	set := newAgentSet(s.cfg.Entries, c.id, node.Selectors)
+	current := set.entries()
 	b := s.cfg.CA.Bundle()
 	pb, err := ToProtoBundle(b)
 	if err != nil {
@@ -96,32 +97,28 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 
 		// Re-read the node record only when the cache saw it change: with
 		// thousands of streams, one query each per commit adds up.
+		nodeChanged := false
 		if s.cfg.Entries.NodeRevision(c.id.String()) > nodeChecked {
 			rev := s.cfg.Entries.Revision()
 			if node, err = s.recheckNode(ctx, c); err != nil {
 				return err
 			}
 			nodeChecked = rev
+			// Attestation always issues a new SVID (ending the stream), but
+			// recompute in full should selectors ever change without one.
+			nodeChanged = !slices.Equal(node.Selectors, set.sels)
 		}
 		var (
 			msgUpserted []*agentv1.Entry
 			msgDeleted  []string
 			msgBundle   *agentv1.Bundle
 		)
-		if rev := s.cfg.Entries.Revision(); rev != revision {
-			revision = rev
-			next := s.cfg.Entries.Authorized(c.id, node.Selectors)
-			added, updated, removed := entrycache.Diff(current, next)
-			current = next
-			for _, e := range added {
-				msgUpserted = append(msgUpserted, ToProtoEntry(e))
-			}
-			for _, e := range updated {
-				msgUpserted = append(msgUpserted, ToProtoEntry(e))
-			}
-			for _, e := range removed {
-				msgDeleted = append(msgDeleted, e.ID)
-			}
+		upserted, removed := set.advance(node.Selectors, nodeChanged)
+		for _, e := range upserted {
+			msgUpserted = append(msgUpserted, ToProtoEntry(e))
+		}
+		for _, e := range removed {
+			msgDeleted = append(msgDeleted, e.ID)
 		}
 		if b := s.cfg.CA.Bundle(); b.Sequence != bundleSeq {
 			if msgBundle, err = ToProtoBundle(b); err != nil {
@@ -163,6 +160,106 @@ func (s *Service) recheckNode(ctx context.Context, c *caller) (*store.Node, erro
 		return nil, status.Errorf(codes.PermissionDenied, "agent %s re-attested: the SVID this stream was opened with is no longer current", c.id)
 	}
 	return node, nil
+}
+
+// agentSet is the set of entries a Sync stream has sent, kept in step with
+// the entry cache. After a change it is updated incrementally: each changed
+// entry's membership is checked by walking up its parents (O(depth)), so a
+// commit costs each stream O(changed entries), not O(its set). It falls
+// back to recomputing the whole set (Authorized, then Diff) when the cache
+// cannot list the changes (it reloaded, or the stream fell too far behind),
+// when the node's selectors changed, or when an entry that parents others
+// joined, left or was renamed: its children's membership changes without
+// the children being in the change list.
+type agentSet struct {
+	cache *entrycache.Cache
+	agent spiffeid.ID
+	sels  []store.Selector
+	byID  map[string]*store.Entry
+	// rev is the cache revision whose changes the set reflects.
+	rev uint64
+	// recomputes counts full recomputations (tests check both paths run).
+	recomputes int
+}
+
+func newAgentSet(cache *entrycache.Cache, agent spiffeid.ID, sels []store.Selector) *agentSet {
+	a := &agentSet{cache: cache, agent: agent, sels: sels}
+	a.recompute(cache.Revision())
+	return a
+}
+
+// entries returns the set sorted by ID.
+func (a *agentSet) entries() []*store.Entry {
+	out := make([]*store.Entry, 0, len(a.byID))
+	for _, e := range a.byID {
+		out = append(out, e)
+	}
+	return sortedByID(out)
+}
+
+// recompute replaces the set with a full computation and returns the
+// difference, each part sorted by ID. The cache state it reads is at least
+// rev; changes after rev are looked at again on the next advance, which is
+// harmless.
+func (a *agentSet) recompute(rev uint64) (upserted, removed []*store.Entry) {
+	next := a.cache.Authorized(a.agent, a.sels)
+	prev := make([]*store.Entry, 0, len(a.byID))
+	for _, e := range a.byID {
+		prev = append(prev, e)
+	}
+	added, updated, removed := entrycache.Diff(prev, next)
+	a.byID = make(map[string]*store.Entry, len(next))
+	for _, e := range next {
+		a.byID[e.ID] = e
+	}
+	a.rev = rev
+	a.recomputes++
+	return sortedByID(append(added, updated...)), removed
+}
+
+// advance brings the set up to the cache's current revision and returns
+// the entries to upsert and to delete, each sorted by ID.
+func (a *agentSet) advance(sels []store.Selector, selectorsChanged bool) (upserted, removed []*store.Entry) {
+	ids, upTo, ok := a.cache.ChangedSince(a.rev)
+	if selectorsChanged {
+		a.sels = sels
+		return a.recompute(upTo)
+	}
+	if !ok {
+		return a.recompute(upTo)
+	}
+	if upTo == a.rev {
+		return nil, nil
+	}
+	type change struct {
+		old, cur   *store.Entry
+		wasIn, now bool
+	}
+	var changes []change
+	for _, id := range ids {
+		old, wasIn := a.byID[id]
+		cur, now := a.cache.AuthorizedEntry(a.agent, a.sels, id)
+		if !wasIn && !now {
+			continue
+		}
+		joinsOrLeaves := wasIn != now || (wasIn && now && old.SPIFFEID != cur.SPIFFEID)
+		if joinsOrLeaves && (wasIn && a.cache.HasChildren(old.SPIFFEID) || now && a.cache.HasChildren(cur.SPIFFEID)) {
+			return a.recompute(upTo)
+		}
+		changes = append(changes, change{old: old, cur: cur, wasIn: wasIn, now: now})
+	}
+	for _, ch := range changes {
+		switch {
+		case ch.now && (!ch.wasIn || ch.old.RevisionNumber != ch.cur.RevisionNumber || !ch.old.UpdatedAt.Equal(ch.cur.UpdatedAt)):
+			a.byID[ch.cur.ID] = ch.cur
+			upserted = append(upserted, ch.cur)
+		case !ch.now:
+			delete(a.byID, ch.old.ID)
+			removed = append(removed, ch.old)
+		}
+	}
+	a.rev = upTo
+	return sortedByID(upserted), sortedByID(removed)
 }
 
 func drain(ch <-chan struct{}) {

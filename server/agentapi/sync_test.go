@@ -1,13 +1,20 @@
 package agentapi
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"math/rand/v2"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
+	"github.com/ironroot/ironroot/server/entrycache"
+	"github.com/ironroot/ironroot/server/store"
 )
 
 func testEntries(n int) []*agentv1.Entry {
@@ -107,4 +114,124 @@ func TestSyncMessagesFitDefaultBudget(t *testing.T) {
 			t.Errorf("message %d is %d bytes, over %d", i, n, MaxSyncMessageBytes)
 		}
 	}
+}
+
+// TestAgentSetFollowsCache applies random entry changes (leaves, node
+// aliases, entries parented to other entries, re-parenting, renaming,
+// deletion) and checks after each that the incrementally kept set, and the
+// changes it emitted, equal a full recomputation.
+func TestAgentSetFollowsCache(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.OpenSQLite(ctx, filepath.Join(t.TempDir(), "set.sqlite3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	serverID := spiffeid.RequireFromString("spiffe://example.org" + ServerPath)
+	cache, err := entrycache.New(ctx, st, serverID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cache.Close)
+
+	agent := spiffeid.RequireFromString("spiffe://example.org" + AgentPathPrefix + "aa")
+	other := "spiffe://example.org" + AgentPathPrefix + "bb"
+	nodeSels := []store.Selector{{Type: "tpm", Value: "manufacturer:x"}, {Type: "tpm", Value: "secure_boot:enabled"}}
+	set := newAgentSet(cache, agent, nodeSels)
+	mirror := map[string]*store.Entry{} // what an agent following the emitted changes holds
+
+	rng := rand.New(rand.NewPCG(1, 2))
+	names := []string{"/a", "/b", "/c", "/d", "/e", "/f"}
+	parents := func() string {
+		switch rng.IntN(5) {
+		case 0:
+			return agent.String()
+		case 1:
+			return other
+		case 2:
+			return serverID.String()
+		default:
+			return "spiffe://example.org" + names[rng.IntN(len(names))]
+		}
+	}
+	selectors := func(parent string) []store.Selector {
+		if parent == serverID.String() {
+			// Node aliases: some match the node, some do not.
+			return [][]store.Selector{{nodeSels[0]}, nodeSels, {{Type: "tpm", Value: "manufacturer:y"}}}[rng.IntN(3)]
+		}
+		return []store.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", rng.IntN(1000000))}}
+	}
+	var ids []string
+	advances := 0
+	for step := range 400 {
+		switch op := rng.IntN(10); {
+		case op < 5 || len(ids) == 0:
+			p := parents()
+			id := "spiffe://example.org" + names[rng.IntN(len(names))]
+			if id == p {
+				continue
+			}
+			e, err := st.CreateEntry(ctx, &store.Entry{SPIFFEID: id, ParentID: p, Selectors: selectors(p)})
+			if errors.Is(err, store.ErrAlreadyExists) {
+				continue // the same alias drawn twice
+			}
+			if err != nil {
+				t.Fatalf("step %d: %v", step, err)
+			}
+			ids = append(ids, e.ID)
+		case op < 8:
+			cur, err := st.GetEntry(ctx, ids[rng.IntN(len(ids))])
+			if err != nil {
+				continue // deleted
+			}
+			if rng.IntN(2) == 0 {
+				cur.ParentID = parents()
+			} else {
+				cur.SPIFFEID = "spiffe://example.org" + names[rng.IntN(len(names))]
+			}
+			if cur.SPIFFEID == cur.ParentID {
+				continue
+			}
+			cur.Selectors = selectors(cur.ParentID)
+			if _, err := st.UpdateEntry(ctx, cur); err != nil && !errors.Is(err, store.ErrAlreadyExists) {
+				t.Fatalf("step %d: %v", step, err)
+			}
+		default:
+			_, _ = st.DeleteEntry(ctx, ids[rng.IntN(len(ids))])
+		}
+		// Sometimes several commits land between two advances.
+		if rng.IntN(3) == 0 {
+			continue
+		}
+		if err := cache.Refresh(ctx); err != nil {
+			t.Fatal(err)
+		}
+		up, rm := set.advance(nodeSels, false)
+		advances++
+		for _, e := range up {
+			mirror[e.ID] = e
+		}
+		for _, e := range rm {
+			delete(mirror, e.ID)
+		}
+		want := map[string]int64{}
+		for _, e := range cache.Authorized(agent, nodeSels) {
+			want[e.ID] = e.RevisionNumber
+		}
+		for name, got := range map[string]map[string]*store.Entry{"set": set.byID, "agent's mirror": mirror} {
+			if len(got) != len(want) {
+				t.Fatalf("step %d: %s has %d entries, a full recomputation %d", step, name, len(got), len(want))
+			}
+			for id, rev := range want {
+				if e, ok := got[id]; !ok || e.RevisionNumber != rev {
+					t.Fatalf("step %d: %s: entry %s missing or at a stale revision", step, name, id)
+				}
+			}
+		}
+	}
+	// Both the incremental path and the fall-back must have been exercised.
+	if full := set.recomputes - 1; full == 0 || full >= advances {
+		t.Errorf("%d of %d advances recomputed in full; want some but not all", full, advances)
+	}
+	t.Logf("%d of %d advances recomputed in full", set.recomputes-1, advances)
 }

@@ -28,8 +28,24 @@ import (
 type Option func(*options)
 
 type options struct {
-	logger     *slog.Logger
-	retryDelay time.Duration
+	logger      *slog.Logger
+	retryDelay  time.Duration
+	histBatches int
+	histIDs     int
+}
+
+// WithHistory bounds the change history ChangedSince answers from: the
+// last batches refreshes, holding at most ids entry IDs in all (defaults
+// 1024 and 65,536). A Sync stream further behind recomputes its set.
+func WithHistory(batches, ids int) Option {
+	return func(o *options) {
+		if batches > 0 {
+			o.histBatches = batches
+		}
+		if ids > 0 {
+			o.histIDs = ids
+		}
+	}
 }
 
 // WithLogger sets the logger for refresh failures.
@@ -53,6 +69,18 @@ func WithRetryDelay(d time.Duration) Option {
 
 // eventBatch is how many events one Refresh step reads.
 const eventBatch = 1000
+
+// Default history bounds (WithHistory).
+const (
+	defaultHistoryBatches = 1024
+	defaultHistoryIDs     = 64 << 10
+)
+
+// changeBatch is the entry IDs one revision changed.
+type changeBatch struct {
+	rev uint64
+	ids []string
+}
 
 // Cache is the in-memory entry index. It is safe for concurrent use: any
 // number of Authorized calls run in parallel with one refresh.
@@ -80,6 +108,11 @@ type Cache struct {
 	// only when it changed.
 	nodeRev   map[string]uint64
 	reloadRev uint64
+	// history lists the entry IDs each revision changed, complete after
+	// histFloor, so a Sync stream can update its set incrementally.
+	history   []changeBatch
+	histIDs   int
+	histFloor uint64
 
 	subsMu sync.Mutex
 	subs   map[chan struct{}]struct{}
@@ -91,7 +124,7 @@ func New(ctx context.Context, st store.Store, serverID spiffeid.ID, opts ...Opti
 	if st == nil || serverID.IsZero() {
 		return nil, errors.New("creating entry cache: store and server ID are required")
 	}
-	o := options{logger: slog.New(slog.DiscardHandler), retryDelay: time.Second}
+	o := options{logger: slog.New(slog.DiscardHandler), retryDelay: time.Second, histBatches: defaultHistoryBatches, histIDs: defaultHistoryIDs}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -135,6 +168,7 @@ func (c *Cache) reload(ctx context.Context) error {
 	// A reload cannot tell which nodes changed: treat all as changed.
 	c.nodeRev = map[string]uint64{}
 	c.reloadRev = c.revision
+	c.history, c.histIDs, c.histFloor = nil, 0, c.revision
 	c.mu.Unlock()
 	c.notify()
 	return nil
@@ -223,9 +257,55 @@ func (c *Cache) refreshLocked(ctx context.Context) (changed bool, err error) {
 		for _, n := range nodes {
 			c.nodeRev[n] = c.revision
 		}
+		c.record(ids)
 		c.mu.Unlock()
 		changed = true
 	}
+}
+
+// record appends the entry IDs the current revision changed to the
+// history, trimming its oldest batches; the caller holds mu.
+func (c *Cache) record(ids []string) {
+	c.history = append(c.history, changeBatch{rev: c.revision, ids: ids})
+	c.histIDs += len(ids)
+	drop := 0
+	for len(c.history)-drop > c.opts.histBatches || c.histIDs > c.opts.histIDs {
+		c.histIDs -= len(c.history[drop].ids)
+		c.histFloor = c.history[drop].rev
+		drop++
+	}
+	if drop > 0 {
+		c.history = append([]changeBatch(nil), c.history[drop:]...)
+	}
+}
+
+// ChangedSince returns the IDs of the entries created, updated or deleted
+// after revision rev, and the revision they bring the caller to. ok is
+// false when the cache cannot tell (it reloaded, or rev is older than the
+// history it keeps): the caller must recompute its set in full.
+func (c *Cache) ChangedSince(rev uint64) (ids []string, upTo uint64, ok bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if rev < c.histFloor {
+		return nil, c.revision, false
+	}
+	seen := map[string]struct{}{}
+	for i := len(c.history) - 1; i >= 0 && c.history[i].rev > rev; i-- {
+		for _, id := range c.history[i].ids {
+			if _, dup := seen[id]; !dup {
+				seen[id] = struct{}{}
+				ids = append(ids, id)
+			}
+		}
+	}
+	return ids, c.revision, true
+}
+
+// HasChildren reports whether any entry is parented to the SPIFFE ID.
+func (c *Cache) HasChildren(spiffeID string) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.byParent[spiffeID]) > 0
 }
 
 // put adds e to the index; the caller holds mu and has removed any older

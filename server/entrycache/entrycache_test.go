@@ -477,3 +477,98 @@ func TestNodeRevision(t *testing.T) {
 		}
 	}
 }
+
+func TestChangedSince(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t)
+	c, err := entrycache.New(ctx, s, serverID, entrycache.WithHistory(16, 1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	start := c.Revision()
+	a := create(t, s, "/a", agentA.String(), "unix:uid:1")
+	b := create(t, s, "/b", "spiffe://example.org/a", "unix:uid:2")
+	if err := c.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mid := c.Revision()
+	if _, err := s.DeleteEntry(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.UpsertNode(ctx, &store.Node{SPIFFEID: agentB.String(), EKHash: "bbbb"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		rev  uint64
+		want []string
+	}{
+		{"from the start", start, []string{a, b}},
+		{"after the creations", mid, []string{a}},
+		{"up to date", c.Revision(), nil},
+	}
+	for _, tc := range tests {
+		ids, upTo, ok := c.ChangedSince(tc.rev)
+		sort.Strings(ids)
+		want := append([]string(nil), tc.want...)
+		sort.Strings(want)
+		if !ok || upTo != c.Revision() || !reflect.DeepEqual(ids, want) && len(want)+len(ids) > 0 {
+			t.Errorf("%s: ChangedSince = %v, %d, %t; want %v, %d, true", tc.name, ids, upTo, ok, want, c.Revision())
+		}
+	}
+	if !c.HasChildren("spiffe://example.org/a") || c.HasChildren("spiffe://example.org/b") {
+		t.Error("HasChildren: /a parents /b, /b parents nothing")
+	}
+
+	// History is bounded: a caller further behind must recompute.
+	for i := range 20 {
+		create(t, s, fmt.Sprintf("/h%d", i), agentA.String(), "unix:uid:3")
+		if err := c.Refresh(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, ok := c.ChangedSince(mid); ok {
+		t.Error("ChangedSince a revision older than the kept history claims to know the changes")
+	}
+	recent := c.Revision() - 10
+	if ids, _, ok := c.ChangedSince(recent); !ok || len(ids) != 10 {
+		t.Errorf("ChangedSince 10 revisions back = %d IDs, %t; want 10, true", len(ids), ok)
+	}
+
+	// The bound on IDs trims too.
+	c2, err := entrycache.New(ctx, s, serverID, entrycache.WithHistory(100, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c2.Close)
+	revs := []uint64{c2.Revision()}
+	for i := range 4 {
+		create(t, s, fmt.Sprintf("/i%d", i), agentA.String(), "unix:uid:5")
+		if err := c2.Refresh(ctx); err != nil {
+			t.Fatal(err)
+		}
+		revs = append(revs, c2.Revision())
+	}
+	for i, want := range []bool{false, true, true, true, true} {
+		if ids, _, ok := c2.ChangedSince(revs[i]); ok != want || ok && len(ids) != 4-i {
+			t.Errorf("ChangedSince(revision %d of 5) with 3 IDs kept = %d IDs, %t; want %t", i, len(ids), ok, want)
+		}
+	}
+
+	// A reload (events pruned) cannot list changes.
+	before := c.Revision()
+	create(t, s, "/x", agentA.String(), "unix:uid:4")
+	if _, err := s.PruneEvents(ctx, time.Now().Add(time.Hour), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Refresh(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := c.ChangedSince(before); ok {
+		t.Error("ChangedSince across a reload claims to know the changes")
+	}
+}
