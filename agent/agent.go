@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
@@ -42,6 +43,9 @@ const serverPath = "/ironroot/server"
 const (
 	minRetry = time.Second
 	maxRetry = time.Minute
+	// maxReconnect bounds gRPC's reconnect backoff to the server, as the
+	// SVID cache bounds its Sync retries (manager.DefaultMaxBackoff).
+	maxReconnect = manager.DefaultMaxBackoff
 )
 
 // Agent is a running ironroot-agent.
@@ -249,7 +253,15 @@ func (a *Agent) dial(mtls bool) (*grpc.ClientConn, error) {
 	if mtls {
 		tlsConf = tlsconfig.MTLSClientConfig(a.id, a.id, tlsconfig.AuthorizeID(a.serverID))
 	}
-	conn, err := grpc.NewClient(a.cfg.ServerAddress, grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)))
+	conn, err := grpc.NewClient(a.cfg.ServerAddress,
+		grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)),
+		// gRPC's default reconnect backoff grows to 2 min: after a long
+		// server outage the agent would sit idle that long once the server
+		// is back. Cap it at the cache's own Sync retry ceiling.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: minRetry, Multiplier: 1.6, Jitter: 0.2, MaxDelay: maxReconnect},
+			MinConnectTimeout: 20 * time.Second,
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("agent.server_address: %w", err)
 	}
