@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -521,4 +522,34 @@ func TestRunFromFlags(t *testing.T) {
 	if n := srv.node(agentID); n.CertSerial != nodes[0].CertSerial {
 		t.Errorf("the second run attested again (serial %s → %s) instead of resuming", nodes[0].CertSerial, n.CertSerial)
 	}
+}
+
+// TestPolicyNoLongerMet: when the server's PCR policy stops admitting the
+// node, its next renewal is refused and the agent fails closed, saying
+// why; once the policy admits it again, it recovers by itself.
+func TestPolicyNoLongerMet(t *testing.T) {
+	srv := newServer(t, func(c *sconfig.Config) { c.AgentTTL = 6 * time.Second })
+	sw := suite.Start(t)
+	ta := startAgent(t, agentConfig(t, srv, sw))
+	svid := ta.waitAttested()
+	srv.createEntry(workloadID, svid.ID)
+	wl := workload(t, ta)
+	waitX509(t, srv, wl, workloadID)
+
+	// swtpm's PCR 7 is all zeros: require something else.
+	srv.cfg.NodeAttestation.RequiredPCRs = map[int][]byte{7: bytes.Repeat([]byte{1}, 32)}
+	srv.restart()
+	waitFor(t, "the workload to be refused after the refused renewal", func() bool {
+		_, err := fetchX509(srv, wl)
+		return status.Code(err) == codes.PermissionDenied
+	})
+	if !logHas(ta.logs.String(), "level=ERROR", "refused re-attestation", "PCR") {
+		t.Error("the agent did not log that re-attestation was refused over the PCR policy")
+	}
+	waitHealth(t, ta, healthpb.HealthCheckResponse_NOT_SERVING)
+
+	srv.cfg.NodeAttestation.RequiredPCRs = nil
+	srv.restart()
+	waitX509(t, srv, wl, workloadID)
+	waitHealth(t, ta, healthpb.HealthCheckResponse_SERVING)
 }
