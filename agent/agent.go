@@ -196,13 +196,13 @@ func (a *Agent) Close() {
 func (a *Agent) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if a.id.current() == nil {
-		if err := a.attestUntilAdmitted(ctx); err != nil {
-			return err
-		}
-	}
-	if err := a.connect(); err != nil {
-		return err
+	// Bind the socket before attesting: a bad socket_path stops start-up
+	// at once instead of after the server is first reached. Until the
+	// first sync, workloads are told PermissionDenied and health probes
+	// see NOT_SERVING.
+	lis, err := workloadapi.Listen(a.cfg.SocketPath)
+	if err != nil {
+		return fmt.Errorf("agent.socket_path: %w", err)
 	}
 	errc := make(chan error, 5)
 	var wg sync.WaitGroup
@@ -215,13 +215,28 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	spawn(func() error { return a.mgr.Run(ctx) })
+	stop := func(err error) error {
+		cancel()
+		a.wl.Stop()
+		wg.Wait()
+		return err
+	}
 	spawn(func() error {
-		if err := a.wl.ListenAndServe(ctx, a.cfg.SocketPath); err != nil {
+		if err := a.wl.Serve(ctx, lis); err != nil {
 			return fmt.Errorf("agent.socket_path: %w", err)
 		}
 		return nil
 	})
+	a.log.Info("workload API listening", "socket", a.cfg.SocketPath)
+	if a.id.current() == nil {
+		if err := a.attestUntilAdmitted(ctx); err != nil {
+			return stop(err)
+		}
+	}
+	if err := a.connect(); err != nil {
+		return stop(err)
+	}
+	spawn(func() error { return a.mgr.Run(ctx) })
 	spawn(func() error { a.followBundle(ctx); return nil })
 	spawn(func() error { a.renewLoop(ctx); return nil })
 	spawn(func() error {
@@ -234,15 +249,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	})
 	a.log.Info("ironroot-agent started", "spiffe_id", a.id.current().ID.String(), "server", a.cfg.ServerAddress, "socket", a.cfg.SocketPath)
 
-	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
-	cancel()
-	a.wl.Stop()
-	wg.Wait()
-	return err
+	return stop(err)
 }
 
 // dial opens a connection to the server's agent API. With mTLS the agent

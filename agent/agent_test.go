@@ -5,9 +5,12 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -552,4 +555,83 @@ func TestPolicyNoLongerMet(t *testing.T) {
 	srv.restart()
 	waitX509(t, srv, wl, workloadID)
 	waitHealth(t, ta, healthpb.HealthCheckResponse_SERVING)
+}
+
+// TestRunBeforeAttestation: Run binds the Workload API socket before it
+// first reaches the server, so a bad socket_path stops start-up at once,
+// and while the server is unreachable workloads and health probes get a
+// clear answer (PermissionDenied, NOT_SERVING) instead of no socket.
+func TestRunBeforeAttestation(t *testing.T) {
+	sw := suite.Start(t)
+	dir := t.TempDir()
+	// Any CA certificate will do: the server is never reached.
+	ca := certFor(t, mustKey(t).Public(), "spiffe://example.org/ca", time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
+	bundlePath := filepath.Join(dir, "bundle.pem")
+	if err := os.WriteFile(bundlePath, pemCerts([]*x509.Certificate{ca}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	notDir := filepath.Join(dir, "file")
+	if err := os.WriteFile(notDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A port nothing listens on: bind one and close it.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unreachable := l.Addr().String()
+	l.Close()
+	newCfg := func(t *testing.T) *config.Config {
+		return &config.Config{
+			ServerAddress:   unreachable,
+			TPM:             sw.Address(),
+			SocketPath:      filepath.Join(shortTempDir(t, "iag-"), "api.sock"),
+			DataDir:         filepath.Join(t.TempDir(), "agent-data"),
+			TrustDomain:     td,
+			TrustBundlePath: bundlePath,
+		}
+	}
+
+	t.Run("bad socket path", func(t *testing.T) {
+		cfg := newCfg(t)
+		cfg.SocketPath = filepath.Join(notDir, "api.sock")
+		a, err := New(context.Background(), cfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), deadline)
+		defer cancel()
+		err = a.Run(ctx)
+		if err == nil || !strings.HasPrefix(err.Error(), "agent.socket_path:") {
+			t.Fatalf("Run = %v, want an error naming agent.socket_path", err)
+		}
+	})
+
+	t.Run("server unreachable", func(t *testing.T) {
+		cfg := newCfg(t)
+		ta := startAgent(t, cfg)
+		waitHealth(t, ta, healthpb.HealthCheckResponse_NOT_SERVING)
+		ctx, cancel := context.WithTimeout(context.Background(), deadline)
+		defer cancel()
+		if _, err := workload(t, ta).FetchX509SVID(ctx); status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("FetchX509SVID before attestation: %v, want PermissionDenied", err)
+		}
+		waitFor(t, "the agent to log the failed attestation", func() bool {
+			return logHas(ta.logs.String(), "level=WARN", "attestation failed; retrying")
+		})
+		ta.stop()
+		if _, err := os.Stat(cfg.SocketPath); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the Workload API socket is left behind after stop: %v", err)
+		}
+	})
+}
+
+func mustKey(t testing.TB) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }
