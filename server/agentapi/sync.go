@@ -231,6 +231,11 @@ func (a *agentSet) advance(sels []store.Selector, selectorsChanged bool) (upsert
 	if upTo == a.rev {
 		return nil, nil
 	}
+	// A bulk change (a -data import) is cheaper to recompute than to walk
+	// entry by entry.
+	if len(ids) > max(64, len(a.byID)) {
+		return a.recompute(upTo)
+	}
 	type change struct {
 		old, cur   *store.Entry
 		wasIn, now bool
