@@ -32,10 +32,11 @@ const perItemOverhead = 8
 // set with the bundle on connect, then, as each change is committed, the
 // upserted entries and deleted IDs, and the bundle whenever its sequence
 // number changes. It waits on the entry cache's and the CA's signals and
-// never polls; the entry cache signals after it applied node events too, and
-// tells which nodes changed, so a ban, an eviction or a re-attestation of the
-// caller ends the stream with PermissionDenied naming the reason. The stream also ends, Unauthenticated,
-// when the agent SVID it was opened with expires.
+// never polls; the entry cache signals after it applied node events too,
+// and tells which nodes changed, so a ban, an eviction or a re-attestation
+// of the caller ends the stream with PermissionDenied naming the reason. The
+// stream also ends, Unauthenticated, when the agent SVID it was opened with
+// expires.
 func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) error {
 	ctx := stream.Context()
 	select {
@@ -43,6 +44,12 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 		return status.Error(codes.Unavailable, "the server is shutting down")
 	default:
 	}
+	// Subscribe before the node record and the entries are read, so a
+	// change committed in between wakes the loop instead of being missed.
+	entriesCh, cancelEntries := s.cfg.Entries.Subscribe()
+	defer cancelEntries()
+	bundleCh, cancelBundle := s.cfg.CA.SubscribeBundle()
+	defer cancelBundle()
 	// The cache revision before authenticate reads the node record: a node
 	// change that read missed is applied to the cache later, at a higher
 	// revision, so comparing NodeRevision with it never misses one.
@@ -51,12 +58,6 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 	if err != nil {
 		return err
 	}
-	// Subscribe before the first computation, so a change committed in
-	// between wakes the loop instead of being missed.
-	entriesCh, cancelEntries := s.cfg.Entries.Subscribe()
-	defer cancelEntries()
-	bundleCh, cancelBundle := s.cfg.CA.SubscribeBundle()
-	defer cancelBundle()
 
 	expiry := time.NewTimer(max(c.cert.NotAfter.Sub(s.cfg.Clock()), 0))
 	defer expiry.Stop()
@@ -71,7 +72,7 @@ func (s *Service) Sync(_ *agentv1.SyncRequest, stream agentv1.Agent_SyncServer) 
 	}
 	bundleSeq := b.Sequence
 	upserted := make([]*agentv1.Entry, 0, len(current))
-	for _, e := range sortedByID(current) {
+	for _, e := range current {
 		upserted = append(upserted, ToProtoEntry(e))
 	}
 	if err := sendAll(stream, syncMessages(true, upserted, nil, pb, MaxSyncMessageBytes)); err != nil {
