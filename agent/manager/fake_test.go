@@ -162,6 +162,7 @@ func (f *fakeServer) Sync(_ *agentv1.SyncRequest, stream grpc.ServerStreamingSer
 	if f.split && len(full.Upserted) > 1 {
 		rest := &agentv1.SyncResponse{Upserted: full.Upserted[1:]}
 		full.Upserted = full.Upserted[:1]
+		full.More = true
 		ch <- full
 		ch <- rest
 	} else {

@@ -145,9 +145,7 @@ type Manager struct {
 	syncedOnce   bool
 	ready        chan struct{}
 	readyOnce    bool
-	splitHint    int             // see defaultSplitHint; tests lower it
-	stale        map[string]bool // entries a possibly partial full set lacked
-	staleUntil   time.Time
+	fullSet      map[string]bool // IDs of a full set still arriving (more)
 }
 
 // entry is one registration entry and its cached SVID.
@@ -233,8 +231,6 @@ func New(cfg Config) (*Manager, error) {
 		subs:     make(map[*subscriber]struct{}),
 		synced:   make(chan struct{}),
 		ready:    make(chan struct{}),
-
-		splitHint: defaultSplitHint,
 	}, nil
 }
 
@@ -282,7 +278,7 @@ func (m *Manager) Invalidate(reason string) {
 	m.invalid = reason
 	m.epoch++
 	clear(m.entries)
-	m.stale = nil
+	m.fullSet = nil
 	m.sorted = nil
 	m.connected = false
 	if m.streamCancel != nil {

@@ -358,16 +358,13 @@ func TestReconnectAndResync(t *testing.T) {
 
 func TestSplitFullSyncKeepsSVIDs(t *testing.T) {
 	h := start(t, Config{}, workloadEntry("e-a", "/a", 1, "unix:uid:1000"), workloadEntry("e-b", "/b", 1, "unix:uid:1000"), workloadEntry("e-c", "/c", 1, "unix:uid:1000"))
-	h.m.mu.Lock()
-	h.m.splitHint = 1 // every full message may continue
-	h.m.mu.Unlock()
 	sub := subscribe(t, h.m, "unix:uid:1000")
 	snap := waitSnap(t, sub, "/a /b /c", hasIDs("/a", "/b", "/c"))
 	serialB := serial(snap, "/b")
 
-	// Reconnect: the full set arrives as {a} then {b}; c was deleted
-	// meanwhile. b must never disappear or be re-signed; c goes after the
-	// grace period.
+	// Reconnect: the full set arrives as {a} (more) then {b}; c was deleted
+	// meanwhile. b must never disappear or be re-signed; c goes once the
+	// last part arrived.
 	h.fake.mu.Lock()
 	h.fake.split = true
 	delete(h.fake.entries, "e-c")

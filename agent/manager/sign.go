@@ -88,22 +88,6 @@ func (m *Manager) due() (due []job, client agentv1.AgentClient, epoch uint64, ne
 		}
 	}
 	expired := false
-	if len(m.stale) > 0 {
-		if now.Before(m.staleUntil) {
-			consider(m.staleUntil)
-		} else {
-			ids := make([]string, 0, len(m.stale))
-			for id := range m.stale {
-				delete(m.entries, id)
-				ids = append(ids, id)
-			}
-			m.stale = nil
-			m.sorted = nil
-			m.updateSelectorUseLocked()
-			m.jwt.dropEntries(ids)
-			expired = true
-		}
-	}
 	for _, e := range m.entries {
 		if !e.workload {
 			continue

@@ -13,19 +13,9 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"google.golang.org/protobuf/proto"
 
 	agentv1 "github.com/ironroot/ironroot/server/api/agent/v1"
 	"github.com/ironroot/ironroot/workloadapi"
-)
-
-// The server splits a full set larger than 2 MiB over several messages
-// (only the first says full). A full message of at least splitHint bytes
-// may therefore be partial; entries missing from it are dropped staleGrace
-// after the last message instead of at once.
-const (
-	defaultSplitHint = 1 << 20
-	staleGrace       = time.Second
 )
 
 // syncLoop keeps a Sync stream open, reopening it with backoff.
@@ -138,35 +128,23 @@ func (m *Manager) apply(ctx context.Context, resp *agentv1.SyncResponse) error {
 	}
 	var dropped []string
 	if resp.Full {
-		keep := make(map[string]bool, len(incoming))
-		for _, e := range incoming {
-			keep[e.id] = true
-		}
-		// A large full set may continue in the next messages: what it
-		// lacks is only dropped once the stream has been quiet a while,
-		// so entries in the later parts keep their SVIDs.
-		split := proto.Size(resp) >= m.splitHint
-		m.stale = nil
-		for id := range m.entries {
-			switch {
-			case keep[id]:
-			case split:
-				if m.stale == nil {
-					m.stale = make(map[string]bool)
-				}
-				m.stale[id] = true
-			default:
-				delete(m.entries, id)
-				dropped = append(dropped, id)
-			}
-		}
+		// The server may split a large full set over several messages:
+		// the first says full, every part but the last says more.
+		m.fullSet = make(map[string]bool, len(incoming))
 	}
-	if len(m.stale) > 0 {
+	if m.fullSet != nil {
 		for _, e := range incoming {
-			delete(m.stale, e.id)
+			m.fullSet[e.id] = true
 		}
-		m.staleUntil = m.cfg.Clock().Add(staleGrace)
-		signal(m.kick) // the signer drops what is left after the grace
+		if !resp.More {
+			for id := range m.entries {
+				if !m.fullSet[id] {
+					delete(m.entries, id)
+					dropped = append(dropped, id)
+				}
+			}
+			m.fullSet = nil
+		}
 	}
 	for _, id := range slices.Concat(resp.DeletedIds, unusable) {
 		if _, ok := m.entries[id]; ok {

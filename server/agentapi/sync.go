@@ -294,7 +294,8 @@ func sendAll(stream agentv1.Agent_SyncServer, msgs []*agentv1.SyncResponse) erro
 // syncMessages splits one change set into messages of at most budget bytes
 // (a single entry larger than the budget still gets a message of its own;
 // the store's limits keep entries far smaller). The first message carries
-// full and the bundle; deleted IDs follow the upserted entries. A full set
+// full and the bundle, and every part of a full set but the last says more;
+// deleted IDs follow the upserted entries. A full set
 // always yields at least one message, an empty change set none.
 func syncMessages(full bool, upserted []*agentv1.Entry, deleted []string, bundle *agentv1.Bundle, budget int) []*agentv1.SyncResponse {
 	if !full && len(upserted) == 0 && len(deleted) == 0 && bundle == nil {
@@ -318,6 +319,13 @@ func syncMessages(full bool, upserted []*agentv1.Entry, deleted []string, bundle
 	for _, id := range deleted {
 		room(len(id) + perItemOverhead)
 		cur.DeletedIds = append(cur.DeletedIds, id)
+	}
+	if full {
+		// Tell the agent the set is not complete before the last part, so
+		// it does not drop what the later parts carry.
+		for _, m := range out[:len(out)-1] {
+			m.More = true
+		}
 	}
 	return out
 }

@@ -77,6 +77,10 @@ func TestSyncMessages(t *testing.T) {
 				} else if m.Full || m.Bundle != nil {
 					t.Errorf("message %d repeats full or the bundle", i)
 				}
+				// Every part of a full set but the last says more follows.
+				if wantMore := tc.full && i < len(msgs)-1; m.More != wantMore {
+					t.Errorf("message %d of %d: more=%t, want %t", i, len(msgs), m.More, wantMore)
+				}
 				// One entry alone may exceed a tiny budget; otherwise every
 				// message must fit.
 				if n := proto.Size(m); n > tc.budget && len(m.Upserted)+len(m.DeletedIds) > 1 {

@@ -879,7 +879,11 @@ type SyncResponse struct {
 	Upserted   []*Entry `protobuf:"bytes,2,rep,name=upserted,proto3" json:"upserted,omitempty"`
 	DeletedIds []string `protobuf:"bytes,3,rep,name=deleted_ids,json=deletedIds,proto3" json:"deleted_ids,omitempty"`
 	// bundle is set on the first message and whenever the bundle changed.
-	Bundle        *Bundle `protobuf:"bytes,4,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	Bundle *Bundle `protobuf:"bytes,4,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// more is true when a full set continues in the next message: the set is
+	// complete at the first following message with more false. Large sets are
+	// split to bound message size.
+	More          bool `protobuf:"varint,5,opt,name=more,proto3" json:"more,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -940,6 +944,13 @@ func (x *SyncResponse) GetBundle() *Bundle {
 		return x.Bundle
 	}
 	return nil
+}
+
+func (x *SyncResponse) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
 }
 
 type Selector struct {
@@ -1769,13 +1780,14 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"svid_chain\x18\x02 \x03(\fR\tsvidChain\x121\n" +
 	"\x06bundle\x18\x03 \x01(\v2\x19.ironroot.agent.v1.BundleR\x06bundle\x129\n" +
 	"\tselectors\x18\x04 \x03(\v2\x1b.ironroot.agent.v1.SelectorR\tselectors\"\r\n" +
-	"\vSyncRequest\"\xac\x01\n" +
+	"\vSyncRequest\"\xc0\x01\n" +
 	"\fSyncResponse\x12\x12\n" +
 	"\x04full\x18\x01 \x01(\bR\x04full\x124\n" +
 	"\bupserted\x18\x02 \x03(\v2\x18.ironroot.agent.v1.EntryR\bupserted\x12\x1f\n" +
 	"\vdeleted_ids\x18\x03 \x03(\tR\n" +
 	"deletedIds\x121\n" +
-	"\x06bundle\x18\x04 \x01(\v2\x19.ironroot.agent.v1.BundleR\x06bundle\"4\n" +
+	"\x06bundle\x18\x04 \x01(\v2\x19.ironroot.agent.v1.BundleR\x06bundle\x12\x12\n" +
+	"\x04more\x18\x05 \x01(\bR\x04more\"4\n" +
 	"\bSelector\x12\x12\n" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value\"\xac\x02\n" +
