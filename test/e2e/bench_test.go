@@ -198,3 +198,28 @@ func reportPercentiles(b *testing.B, d []time.Duration) {
 	b.ReportMetric(p(0.5), "p50-ms")
 	b.ReportMetric(p(0.99), "p99-ms")
 }
+
+// BenchmarkNewConnectionFetchX509Context is a workload's cost of asking the
+// real agent for its identity on a new connection: dial the socket, unix
+// attestation (SO_PEERCRED, /proc), FetchX509Context, close (target p50 ≤
+// 0.7 ms).
+func BenchmarkNewConnectionFetchX509Context(b *testing.B) {
+	s := startSystem(b)
+	addr := workloadapi.WithAddr("unix://" + s.agent.socketPath)
+	ctx := context.Background()
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		c, err := workloadapi.FetchX509Context(ctx, addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		lat = append(lat, time.Since(start))
+		if len(c.SVIDs) == 0 {
+			b.Fatal("no SVID")
+		}
+	}
+	b.StopTimer()
+	reportPercentiles(b, lat)
+}
