@@ -276,76 +276,81 @@ func thresholds(nb, na time.Time) (prepare, activate time.Time) {
 
 func (m *Manager) rotateLocked(ctx context.Context) (bool, error) {
 	now := m.cfg.Clock()
-	changed := false
-
-	// X.509 CA slots.
-	active, prepared := m.x509Slots()
-	if active == nil || !active.Cert.NotAfter.After(now) {
-		// First start, or the active CA expired while the server was down.
-		if prepared == nil {
-			p, err := m.prepareX509(ctx, now)
-			if err != nil {
-				return changed, err
-			}
-			prepared = p
-		}
-		if err := m.activateX509(ctx, active, prepared); err != nil {
-			return changed, err
-		}
-		changed = true
-	} else {
-		prep, act := thresholds(active.Cert.NotBefore.Add(backdate), active.Cert.NotAfter)
-		if prepared == nil && !now.Before(prep) {
-			if _, err := m.prepareX509(ctx, now); err != nil {
-				return changed, err
-			}
-			changed = true
-			_, prepared = m.x509Slots()
-		}
-		if prepared != nil && !now.Before(act) {
-			if err := m.activateX509(ctx, active, prepared); err != nil {
-				return changed, err
-			}
-			changed = true
-		}
-	}
-
-	// JWT key slots.
-	jactive, jprepared := m.jwtSlots()
-	if jactive == nil || !jactive.Record.NotAfter.After(now) {
-		if jprepared == nil {
-			p, err := m.prepareJWT(ctx, now)
-			if err != nil {
-				return changed, err
-			}
-			jprepared = p
-		}
-		if err := m.activateJWT(ctx, jactive, jprepared); err != nil {
-			return changed, err
-		}
-		changed = true
-	} else {
-		prep, act := thresholds(jactive.Record.NotBefore, jactive.Record.NotAfter)
-		if jprepared == nil && !now.Before(prep) {
-			if _, err := m.prepareJWT(ctx, now); err != nil {
-				return changed, err
-			}
-			changed = true
-			_, jprepared = m.jwtSlots()
-		}
-		if jprepared != nil && !now.Before(act) {
-			if err := m.activateJWT(ctx, jactive, jprepared); err != nil {
-				return changed, err
-			}
-			changed = true
-		}
-	}
-
-	pruned, err := m.pruneLocked(ctx, now)
+	x509Changed, err := m.rotateKind(ctx, now, m.x509Records, func() error {
+		_, err := m.prepareX509(ctx, now)
+		return err
+	})
 	if err != nil {
+		return x509Changed, err
+	}
+	jwtChanged, err := m.rotateKind(ctx, now, m.jwtRecords, func() error {
+		_, err := m.prepareJWT(ctx, now)
+		return err
+	})
+	if err != nil {
+		return x509Changed || jwtChanged, err
+	}
+	pruned, err := m.pruneLocked(ctx, now)
+	return x509Changed || jwtChanged || pruned, err
+}
+
+// rotateKind runs the rotation step for one kind of authority: prepare the
+// next key at 1/2 of the active one's lifetime, activate it at 5/6 — or at
+// once on first start, or when the active one expired while the server was
+// down.
+func (m *Manager) rotateKind(ctx context.Context, now time.Time, records func() (active, prepared *store.Authority), prepare func() error) (bool, error) {
+	active, prepared := records()
+	changed := false
+	if active != nil && active.NotAfter.After(now) {
+		prep, act := thresholds(active.NotBefore, active.NotAfter)
+		if prepared == nil && !now.Before(prep) {
+			if err := prepare(); err != nil {
+				return changed, err
+			}
+			changed = true
+			_, prepared = records()
+		}
+		if prepared == nil || now.Before(act) {
+			return changed, nil
+		}
+	} else if prepared == nil {
+		if err := prepare(); err != nil {
+			return changed, err
+		}
+		_, prepared = records()
+	}
+	if err := m.activate(ctx, active, prepared); err != nil {
 		return changed, err
 	}
-	return changed || pruned, nil
+	return true, nil
+}
+
+// x509Records and jwtRecords return the journal records of the active and
+// prepared slots of a kind.
+func (m *Manager) x509Records() (active, prepared *store.Authority) {
+	a, p := m.x509Slots()
+	return a.record(), p.record()
+}
+
+func (m *Manager) jwtRecords() (active, prepared *store.Authority) {
+	a, p := m.jwtSlots()
+	return a.record(), p.record()
+}
+
+// record returns the slot's journal record; nil for no slot.
+func (a *X509Authority) record() *store.Authority {
+	if a == nil {
+		return nil
+	}
+	return a.Record
+}
+
+// record returns the slot's journal record; nil for no slot.
+func (a *JWTAuthority) record() *store.Authority {
+	if a == nil {
+		return nil
+	}
+	return a.Record
 }
 
 func (m *Manager) x509Slots() (active, prepared *X509Authority) {
@@ -417,19 +422,23 @@ func (m *Manager) prepareX509(ctx context.Context, now time.Time) (*X509Authorit
 	return a, nil
 }
 
-func (m *Manager) activateX509(ctx context.Context, active, prepared *X509Authority) error {
-	recs := []*store.Authority{withState(prepared.Record, store.StateActive)}
+// activate makes the prepared slot active and the active one old, in the
+// journal first (one transaction), then in memory.
+func (m *Manager) activate(ctx context.Context, active, prepared *store.Authority) error {
+	recs := []*store.Authority{withState(prepared, store.StateActive)}
 	if active != nil {
-		recs = append(recs, withState(active.Record, store.StateOld))
+		recs = append(recs, withState(active, store.StateOld))
 	}
 	if err := m.cfg.Store.PutAuthority(ctx, recs...); err != nil {
-		return fmt.Errorf("activating X.509 CA %s: %w", prepared.Record.ID, err)
+		return fmt.Errorf("activating %s authority %s: %w", prepared.Kind, prepared.ID, err)
 	}
-	prepared.Record = recs[0]
+	// Records are only read under m.mu or through the copies the accessors
+	// return, so they can be updated in place.
+	prepared.State = store.StateActive
 	if active != nil {
-		active.Record = recs[1]
+		active.State = store.StateOld
 	}
-	m.log.Info("X.509 CA activated", "slot", prepared.Record.ID, "key", prepared.Key.URI())
+	m.log.Info("authority activated", "kind", prepared.Kind, "slot", prepared.ID)
 	return nil
 }
 
@@ -475,22 +484,6 @@ func (m *Manager) prepareJWT(ctx context.Context, now time.Time) (*JWTAuthority,
 	m.sortSlots()
 	m.log.Info("JWT key prepared", "slot", id, "kid", rec.KeyIDJWT, "key", key.URI(), "not_after", rec.NotAfter)
 	return a, nil
-}
-
-func (m *Manager) activateJWT(ctx context.Context, active, prepared *JWTAuthority) error {
-	recs := []*store.Authority{withState(prepared.Record, store.StateActive)}
-	if active != nil {
-		recs = append(recs, withState(active.Record, store.StateOld))
-	}
-	if err := m.cfg.Store.PutAuthority(ctx, recs...); err != nil {
-		return fmt.Errorf("activating JWT key %s: %w", prepared.Record.ID, err)
-	}
-	prepared.Record = recs[0]
-	if active != nil {
-		active.Record = recs[1]
-	}
-	m.log.Info("JWT key activated", "slot", prepared.Record.ID, "kid", prepared.KeyID)
-	return nil
 }
 
 // pruneLocked destroys old keys once everything they signed has expired:
@@ -611,18 +604,33 @@ func (m *Manager) SubscribeBundle() (<-chan struct{}, func()) {
 	}
 }
 
-// X509Authorities returns every X.509 slot (prepared, active and old).
+// X509Authorities returns copies of every X.509 slot (prepared, active and
+// old).
 func (m *Manager) X509Authorities() []*X509Authority {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	return append([]*X509Authority(nil), m.x509...)
+	out := make([]*X509Authority, 0, len(m.x509))
+	for _, a := range m.x509 {
+		c := *a
+		rec := *a.Record
+		c.Record = &rec
+		out = append(out, &c)
+	}
+	return out
 }
 
-// JWTAuthorities returns every JWT slot.
+// JWTAuthorities returns copies of every JWT slot.
 func (m *Manager) JWTAuthorities() []*JWTAuthority {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	return append([]*JWTAuthority(nil), m.jwt...)
+	out := make([]*JWTAuthority, 0, len(m.jwt))
+	for _, a := range m.jwt {
+		c := *a
+		rec := *a.Record
+		c.Record = &rec
+		out = append(out, &c)
+	}
+	return out
 }
 
 // SignX509SVID signs an X509-SVID with the active CA and returns the chain
