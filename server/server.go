@@ -152,6 +152,7 @@ func New(ctx context.Context, cfg *config.Config, logger *slog.Logger) (_ *Serve
 		DefaultX509SVIDTTL: cfg.DefaultX509SVIDTTL,
 		DefaultJWTSVIDTTL:  cfg.DefaultJWTSVIDTTL,
 		AttestRatePerIP:    cfg.AttestRatePerIP,
+		StepTimeout:        cfg.AttestStepTimeout,
 		Logger:             logger.With("component", "agentapi"),
 	})
 	if err != nil {

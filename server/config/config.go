@@ -39,6 +39,7 @@ const (
 	DefaultHealthAddress  = "127.0.0.1"
 	DefaultHealthPort     = 8080
 	DefaultAttestPerIPSec = 1.0
+	DefaultAttestStep     = 30 * time.Second
 )
 
 // DefaultPCRs is the sha256 PCR selection quoted when none is configured:
@@ -89,6 +90,9 @@ type Config struct {
 
 	// AttestRatePerIP bounds attestation attempts per source IP per second.
 	AttestRatePerIP float64
+	// AttestStepTimeout bounds each round trip of the attestation protocol,
+	// so a stalled agent cannot hold a session open.
+	AttestStepTimeout time.Duration
 }
 
 // Upstream is an operator-supplied upstream CA.
@@ -153,6 +157,7 @@ type serverBlock struct {
 	CASubjectOrganization *string  `hcl:"ca_subject_organization"`
 	HSM                   *string  `hcl:"hsm"`
 	AttestRatePerIP       *float64 `hcl:"attest_rate_per_ip"`
+	AttestStepTimeout     *string  `hcl:"attest_step_timeout"`
 	UpstreamCertificate   *string  `hcl:"upstream_ca_certificate"`
 	UpstreamKey           *string  `hcl:"upstream_ca_key"`
 	Unused                unused   `hcl:",unusedKeyPositions"`
@@ -353,6 +358,7 @@ func build(f *file) (*Config, error) {
 		{"server.default_x509_svid_ttl", s.DefaultX509SVIDTTL, DefaultX509SVIDTTL, &c.DefaultX509SVIDTTL},
 		{"server.default_jwt_svid_ttl", s.DefaultJWTSVIDTTL, DefaultJWTSVIDTTL, &c.DefaultJWTSVIDTTL},
 		{"server.agent_ttl", s.AgentTTL, 0, &c.AgentTTL},
+		{"server.attest_step_timeout", s.AttestStepTimeout, DefaultAttestStep, &c.AttestStepTimeout},
 	}
 	for _, d := range durations {
 		*d.dst = d.def

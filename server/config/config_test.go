@@ -36,6 +36,7 @@ server {
   ca_ttl = "48h"
   default_x509_svid_ttl = "30m"
   ca_key_type = "ec-p384"
+  attest_step_timeout = "10s"
   ` + hsm + `
 }
 node_attestation {
@@ -69,6 +70,9 @@ health_checks {
 				if c.LogLevel != "debug" || c.LogFormat != "json" || c.CATTL != 48*time.Hour || c.CAKeyType != "ec-p384" {
 					t.Errorf("server keys: %+v", c)
 				}
+				if c.AttestStepTimeout != 10*time.Second {
+					t.Errorf("attest_step_timeout: %v", c.AttestStepTimeout)
+				}
 				if c.DefaultX509SVIDTTL != 30*time.Minute || c.AgentTTL != 30*time.Minute || c.DefaultJWTSVIDTTL != DefaultJWTSVIDTTL {
 					t.Errorf("ttls: %+v", c)
 				}
@@ -89,7 +93,7 @@ health_checks {
 				if c.TrustDomain.String() != "td.test" || c.ServerPort != 7000 || c.DataDir != "/d" {
 					t.Errorf("flags not applied: %+v", c)
 				}
-				if c.BindAddress != DefaultBindAddress || c.SocketPath != DefaultSocketPath || c.CATTL != DefaultCATTL {
+				if c.BindAddress != DefaultBindAddress || c.SocketPath != DefaultSocketPath || c.CATTL != DefaultCATTL || c.AttestStepTimeout != DefaultAttestStep {
 					t.Errorf("defaults not applied: %+v", c)
 				}
 				if !c.NodeAttestation.RequireEKCertificate || len(c.NodeAttestation.PCRs) != 8 {
