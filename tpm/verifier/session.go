@@ -196,18 +196,27 @@ func (s *Session) finish(ctx context.Context, ev tpm.PlatformEvidence, nonce []b
 	}, nil
 }
 
-// checkClock applies Keylime's check_quote_timing: the clock must be safe,
-// resetCount and restartCount never go backwards, and if neither moved the
-// clock must have advanced.
+// checkClock applies Keylime's check_quote_timing against the node's
+// previous attestation: resetCount and restartCount never go backwards, and
+// if neither moved the clock must have advanced and be safe.
+//
+// Unlike Keylime, an unsafe clock is refused only when no reset or restart
+// explains it. A TPM that lost power reports safe=NO until it next writes
+// its clock to NV, which the specification allows to take about 70 minutes
+// (2^22 ms); refusing then would lock a node out for that long after every
+// power cut. The unsafe clock can only have gone back to its last NV copy,
+// and that happens only with a reset (resetCount moves), which the counters
+// check; a first attestation has nothing to roll back to.
 func checkClock(cur ClockInfo, prev *ClockInfo) error {
-	if !cur.Safe {
-		return fmt.Errorf("%w: clock not safe (the TPM lost power without an orderly shutdown, or its clock went backwards)", ErrClock)
-	}
 	if prev == nil {
 		return nil
 	}
 	if cur.Obfuscated || prev.Obfuscated {
-		// Clock is never obfuscated and never goes back while Safe.
+		// Without real counters a reset cannot be told apart from a clock
+		// rollback: require a safe clock that advanced.
+		if !cur.Safe {
+			return fmt.Errorf("%w: clock not safe and the reset counters are obfuscated", ErrClock)
+		}
 		if cur.Clock <= prev.Clock {
 			return fmt.Errorf("%w: clock went back or stood still (%d after %d)", ErrClock, cur.Clock, prev.Clock)
 		}
@@ -222,6 +231,8 @@ func checkClock(cur ClockInfo, prev *ClockInfo) error {
 		return fmt.Errorf("%w: restartCount went back from %d to %d", ErrClock, prev.RestartCount, cur.RestartCount)
 	case cur.RestartCount > prev.RestartCount:
 		return nil
+	case !cur.Safe:
+		return fmt.Errorf("%w: clock not safe with no reset or restart since the last attestation", ErrClock)
 	case cur.Clock <= prev.Clock:
 		return fmt.Errorf("%w: clock did not advance (%d after %d) with no reset or restart", ErrClock, cur.Clock, prev.Clock)
 	}

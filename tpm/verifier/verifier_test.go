@@ -284,7 +284,7 @@ func TestForgedFinishRefusals(t *testing.T) {
 		{"PCR of another bank", nil, func(t *testing.T, f *forge, ev *tpm.PlatformEvidence, nonce []byte) {
 			ev.PCRs[0].Alg = "sha1"
 		}, ErrPCRValues},
-		{"clock unsafe", nil, func(t *testing.T, f *forge, ev *tpm.PlatformEvidence, nonce []byte) {
+		{"clock unsafe with no reset since", &ClockInfo{Clock: 10, ResetCount: 3, Safe: true}, func(t *testing.T, f *forge, ev *tpm.PlatformEvidence, nonce []byte) {
 			f.clock.Safe = false
 			*ev = f.evidence(nonce)
 		}, ErrClock},
@@ -404,12 +404,17 @@ func TestForgedClockProgress(t *testing.T) {
 		{"clock advanced", ClockInfo{Clock: 999, ResetCount: 3, Safe: true}},
 		{"reboot since", ClockInfo{Clock: 5000, ResetCount: 2, RestartCount: 7, Safe: true}},
 		{"restart since", ClockInfo{Clock: 5000, ResetCount: 3, RestartCount: 0, Safe: true}},
+		// A power cut: the clock is unsafe, but resetCount moved.
+		{"power loss since", ClockInfo{Clock: 5000, ResetCount: 2, Safe: true}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newForge(t)
-			if tt.name == "restart since" {
+			switch tt.name {
+			case "restart since":
 				f.clock.RestartCount = 1
+			case "power loss since":
+				f.clock.Safe = false
 			}
 			v := forgeVerifier(t, f, nil)
 			s, _, err := v.Begin(t.Context(), f.identity())
