@@ -122,11 +122,6 @@ func (s *SQLStore) migrate(ctx context.Context) error {
 	}
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
-		version    INTEGER PRIMARY KEY,
-		applied_at BIGINT NOT NULL)`); err != nil {
-		return fmt.Errorf("creating schema_version table: %w", err)
-	}
 	for {
 		done, err := s.migrateOne(ctx, ms)
 		if err != nil || done {
@@ -147,6 +142,14 @@ func (s *SQLStore) migrateOne(ctx context.Context, ms []migration) (done bool, e
 			_ = sqlTx.Rollback()
 		}
 	}()
+	// Created inside the immediate transaction: a bare CREATE TABLE on a
+	// fresh file can meet another opener's lock without the busy handler
+	// (SQLITE_BUSY at once), BEGIN IMMEDIATE waits for it.
+	if _, err := sqlTx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
+		version    INTEGER PRIMARY KEY,
+		applied_at BIGINT NOT NULL)`); err != nil {
+		return false, fmt.Errorf("creating schema_version table: %w", err)
+	}
 	var current int
 	if err := sqlTx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&current); err != nil {
 		return false, fmt.Errorf("reading schema version: %w", err)
