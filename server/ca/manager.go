@@ -123,8 +123,7 @@ type Manager struct {
 	jwt    []*JWTAuthority
 	bundle Bundle
 
-	subMu sync.Mutex
-	subs  map[chan struct{}]struct{}
+	subs store.Notifier
 }
 
 // NewManager loads the CA journal from the store, finds every key on the
@@ -153,11 +152,19 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.Upstream != nil && (len(cfg.Upstream.Chain) == 0 || cfg.Upstream.Signer == nil) {
 		return nil, errors.New("CA manager: upstream needs its certificate chain and signer")
 	}
-	m := &Manager{cfg: cfg, log: cfg.Logger, subs: map[chan struct{}]struct{}{}}
+	m := &Manager{cfg: cfg, log: cfg.Logger}
 	if err := m.load(ctx); err != nil {
 		return nil, err
 	}
-	if err := m.Rotate(ctx); err != nil {
+	m.mu.Lock()
+	_, err := m.rotateLocked(ctx)
+	m.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	// Publish even when the journal was current: the bundle lives in
+	// memory only.
+	if err := m.publish(ctx); err != nil {
 		return nil, err
 	}
 	return m, nil
@@ -238,10 +245,6 @@ func (m *Manager) Rotate(ctx context.Context) error {
 		return err
 	}
 	if changed {
-		if err := m.publish(ctx); err != nil {
-			return err
-		}
-	} else if m.bundle.Sequence == 0 && len(m.bundle.X509Authorities) == 0 {
 		return m.publish(ctx)
 	}
 	return nil
@@ -336,6 +339,9 @@ func (m *Manager) jwtRecords() (active, prepared *store.Authority) {
 	a, p := m.jwtSlots()
 	return a.record(), p.record()
 }
+
+func (a *X509Authority) key() Key { return a.Key }
+func (a *JWTAuthority) key() Key  { return a.Key }
 
 // record returns the slot's journal record; nil for no slot.
 func (a *X509Authority) record() *store.Authority {
@@ -490,32 +496,35 @@ func (m *Manager) prepareJWT(ctx context.Context, now time.Time) (*JWTAuthority,
 // SVIDs and tokens never outlive their signer, so that is the signer's own
 // NotAfter.
 func (m *Manager) pruneLocked(ctx context.Context, now time.Time) (bool, error) {
+	var changed, c bool
+	var err error
+	if m.x509, c, err = pruneSlots(ctx, m, m.x509, now); err != nil {
+		return c, err
+	}
+	changed = c
+	m.jwt, c, err = pruneSlots(ctx, m, m.jwt, now)
+	return changed || c, err
+}
+
+// pruneSlots retires every old slot past its NotAfter and returns the rest.
+func pruneSlots[S interface {
+	record() *store.Authority
+	key() Key
+}](ctx context.Context, m *Manager, slots []S, now time.Time) ([]S, bool, error) {
 	changed := false
-	keepX := m.x509[:0]
-	for _, a := range m.x509 {
-		if a.Record.State == store.StateOld && !a.Cert.NotAfter.After(now) {
-			if err := m.retire(ctx, a.Record, a.Key); err != nil {
-				return changed, err
+	keep := slots[:0]
+	for i, a := range slots {
+		rec := a.record()
+		if rec.State == store.StateOld && !rec.NotAfter.After(now) {
+			if err := m.retire(ctx, rec, a.key()); err != nil {
+				return append(keep, slots[i:]...), changed, err
 			}
 			changed = true
 			continue
 		}
-		keepX = append(keepX, a)
+		keep = append(keep, a)
 	}
-	m.x509 = keepX
-	keepJ := m.jwt[:0]
-	for _, a := range m.jwt {
-		if a.Record.State == store.StateOld && !a.Record.NotAfter.After(now) {
-			if err := m.retire(ctx, a.Record, a.Key); err != nil {
-				return changed, err
-			}
-			changed = true
-			continue
-		}
-		keepJ = append(keepJ, a)
-	}
-	m.jwt = keepJ
-	return changed, nil
+	return keep, changed, nil
 }
 
 func (m *Manager) retire(ctx context.Context, rec *store.Authority, key Key) error {
@@ -569,14 +578,7 @@ func (m *Manager) publish(ctx context.Context) error {
 	m.bundle = b
 	m.mu.Unlock()
 
-	m.subMu.Lock()
-	for ch := range m.subs {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-	m.subMu.Unlock()
+	m.subs.Notify()
 	return nil
 }
 
@@ -592,17 +594,7 @@ func (m *Manager) Bundle() Bundle {
 
 // SubscribeBundle returns a channel signalled (coalesced) whenever the
 // bundle changes, and a cancel function.
-func (m *Manager) SubscribeBundle() (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
-	m.subMu.Lock()
-	m.subs[ch] = struct{}{}
-	m.subMu.Unlock()
-	return ch, func() {
-		m.subMu.Lock()
-		delete(m.subs, ch)
-		m.subMu.Unlock()
-	}
-}
+func (m *Manager) SubscribeBundle() (<-chan struct{}, func()) { return m.subs.Subscribe() }
 
 // X509Authorities returns copies of every X.509 slot (prepared, active and
 // old).

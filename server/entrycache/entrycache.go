@@ -114,8 +114,7 @@ type Cache struct {
 	histIDs   int
 	histFloor uint64
 
-	subsMu sync.Mutex
-	subs   map[chan struct{}]struct{}
+	subs store.Notifier
 }
 
 // New loads every entry from st and subscribes to its changes. Call Run to
@@ -128,7 +127,7 @@ func New(ctx context.Context, st store.Store, serverID spiffeid.ID, opts ...Opti
 	for _, opt := range opts {
 		opt(&o)
 	}
-	c := &Cache{st: st, serverID: serverID.String(), opts: o, subs: map[chan struct{}]struct{}{}}
+	c := &Cache{st: st, serverID: serverID.String(), opts: o}
 	// Subscribe before loading, so no commit between load and Run is missed.
 	c.storeNotify, c.cancelStore = st.Subscribe()
 	if err := c.reload(ctx); err != nil {
@@ -170,7 +169,7 @@ func (c *Cache) reload(ctx context.Context) error {
 	c.reloadRev = c.revision
 	c.history, c.histIDs, c.histFloor = nil, 0, c.revision
 	c.mu.Unlock()
-	c.notify()
+	c.subs.Notify()
 	return nil
 }
 
@@ -211,7 +210,7 @@ func (c *Cache) Refresh(ctx context.Context) error {
 		return c.reload(ctx)
 	}
 	if changed {
-		c.notify()
+		c.subs.Notify()
 	}
 	return err
 }
@@ -530,31 +529,7 @@ func (c *Cache) LastEventID() int64 {
 // Subscribe returns a channel signalled (coalescing, never blocking) after
 // the cache applied changes, and a cancel function. A Sync stream waits on
 // it, recomputes Authorized and sends the Diff.
-func (c *Cache) Subscribe() (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
-	c.subsMu.Lock()
-	c.subs[ch] = struct{}{}
-	c.subsMu.Unlock()
-	var once sync.Once
-	return ch, func() {
-		once.Do(func() {
-			c.subsMu.Lock()
-			delete(c.subs, ch)
-			c.subsMu.Unlock()
-		})
-	}
-}
-
-func (c *Cache) notify() {
-	c.subsMu.Lock()
-	defer c.subsMu.Unlock()
-	for ch := range c.subs {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
-	}
-}
+func (c *Cache) Subscribe() (<-chan struct{}, func()) { return c.subs.Subscribe() }
 
 // Diff compares two authorized sets by entry ID: added are in next only,
 // updated are in both with a different revision (or update time, which

@@ -2,15 +2,19 @@ package store
 
 import "sync"
 
-// notifier fans a "something changed" signal out to subscribers. Each
+// Notifier fans a "something changed" signal out to subscribers. Each
 // subscriber has a one-slot channel: a send never blocks and signals that
-// arrive while one is pending coalesce into it.
-type notifier struct {
+// arrive while one is pending coalesce into it. The zero value is ready to
+// use. The store, the entry cache and the CA manager wake their waiters with
+// it.
+type Notifier struct {
 	mu   sync.Mutex
 	subs map[chan struct{}]struct{}
 }
 
-func (n *notifier) subscribe() (<-chan struct{}, func()) {
+// Subscribe returns a channel signalled after each Notify (coalesced) and a
+// function that cancels the subscription (idempotent).
+func (n *Notifier) Subscribe() (<-chan struct{}, func()) {
 	ch := make(chan struct{}, 1)
 	n.mu.Lock()
 	if n.subs == nil {
@@ -28,7 +32,8 @@ func (n *notifier) subscribe() (<-chan struct{}, func()) {
 	}
 }
 
-func (n *notifier) notify() {
+// Notify signals every subscriber without blocking.
+func (n *Notifier) Notify() {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	for ch := range n.subs {

@@ -88,7 +88,7 @@ type SQLStore struct {
 	// wmu serialises this process's writers: SQLite has a single writer
 	// anyway, and queuing here is cheaper than spinning on SQLITE_BUSY.
 	wmu  sync.Mutex
-	subs notifier
+	subs Notifier
 }
 
 var _ Store = (*SQLStore)(nil)
@@ -131,7 +131,7 @@ func (s *SQLStore) Close() error {
 func (s *SQLStore) DB() *sql.DB { return s.db }
 
 // Subscribe implements Store.
-func (s *SQLStore) Subscribe() (<-chan struct{}, func()) { return s.subs.subscribe() }
+func (s *SQLStore) Subscribe() (<-chan struct{}, func()) { return s.subs.Subscribe() }
 
 // tx is one write transaction; events are appended to it as changes are made.
 type tx struct {
@@ -177,7 +177,7 @@ func (s *SQLStore) write(ctx context.Context, fn func(t *tx) error) error {
 		return fmt.Errorf("committing transaction: %w", err)
 	}
 	if t.events > 0 {
-		s.subs.notify()
+		s.subs.Notify()
 	}
 	return nil
 }
