@@ -135,12 +135,6 @@ func (f *fakeServer) breakStreams() {
 	}
 }
 
-func (f *fakeServer) openStreams() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.streams)
-}
-
 func (f *fakeServer) Sync(_ *agentv1.SyncRequest, stream grpc.ServerStreamingServer[agentv1.SyncResponse]) error {
 	f.syncCalls.Add(1)
 	ch := make(chan *agentv1.SyncResponse, 1024)

@@ -46,7 +46,8 @@ func (m *Manager) syncLoop(ctx context.Context) {
 		}
 		m.mu.Lock()
 		m.connected = false
-		if err != nil && !replaced {
+		// follow only returns when the stream broke, with why.
+		if !replaced {
 			m.lastErr = "sync: " + err.Error()
 		}
 		m.mu.Unlock()

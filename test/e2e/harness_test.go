@@ -275,17 +275,6 @@ func (p *process) exited() bool {
 	}
 }
 
-// wait waits for the process to exit on its own and returns its exit code.
-func (p *process) wait(t testing.TB, timeout time.Duration) int {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(timeout):
-		t.Fatalf("%s did not exit within %v", p.name, timeout)
-	}
-	return p.cmd.ProcessState.ExitCode()
-}
-
 // stop ends the process group: SIGTERM, SIGKILL after stopTimeout. It is
 // safe to call more than once, and a no-op once the process has exited.
 func (p *process) stop(t testing.TB) {
@@ -362,20 +351,13 @@ type server struct {
 type serverConfig struct {
 	ekRootDir  string
 	serverKeys string
-	extraHCL   string
 }
 
 // serverOption configures startServer.
 type serverOption func(*serverConfig)
 
-// withEKRoots trusts the CAs in dir instead of the suite's.
-func withEKRoots(dir string) serverOption { return func(c *serverConfig) { c.ekRootDir = dir } }
-
 // withServerKeys adds keys (HCL lines) to the server block, e.g. TTLs.
 func withServerKeys(hcl string) serverOption { return func(c *serverConfig) { c.serverKeys = hcl } }
-
-// withServerHCL appends HCL (top-level blocks) to server.hcl.
-func withServerHCL(hcl string) serverOption { return func(c *serverConfig) { c.extraHCL = hcl } }
 
 // startServer makes a SoftHSM token, writes server.hcl (trusting the
 // suite's swtpm CA by default) and runs `ironroot-server run -config` until
@@ -424,7 +406,7 @@ node_attestation {
     ek_root_dir = %q
   }
 }
-%s`, trustDomain, port, s.socketPath, filepath.Join(dir, "data"), tok.URI, cfg.serverKeys, cfg.ekRootDir, cfg.extraHCL)
+`, trustDomain, port, s.socketPath, filepath.Join(dir, "data"), tok.URI, cfg.serverKeys, cfg.ekRootDir)
 		if err := os.WriteFile(s.configPath, []byte(hcl), 0o600); err != nil {
 			t.Fatal(err)
 		}

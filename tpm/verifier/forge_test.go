@@ -32,20 +32,19 @@ import (
 // forge is a fake TPM: an RSA EK with a certificate from its own CA, an ECC AK
 // and an ECC agent key, all software keys.
 type forge struct {
-	t       testing.TB
-	ca      *x509.Certificate
-	caKey   *ecdsa.PrivateKey
-	ekKey   *rsa.PrivateKey
-	ekPub   []byte
-	ekCert  []byte
-	akKey   *ecdsa.PrivateKey
-	akPub   []byte
-	keyKey  *ecdsa.PrivateKey
-	keyPub  []byte
-	clock   tpm2.TPMSClockInfo
-	pcrs    map[int][]byte
-	vendor  string
-	akAttrs func(*tpm2.TPMAObject)
+	t      testing.TB
+	ca     *x509.Certificate
+	caKey  *ecdsa.PrivateKey
+	ekKey  *rsa.PrivateKey
+	ekPub  []byte
+	ekCert []byte
+	akKey  *ecdsa.PrivateKey
+	akPub  []byte
+	keyKey *ecdsa.PrivateKey
+	keyPub []byte
+	clock  tpm2.TPMSClockInfo
+	pcrs   map[int][]byte
+	vendor string
 }
 
 var forgeEpoch = time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC)
